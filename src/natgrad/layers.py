@@ -1,0 +1,171 @@
+"""What a layer *gives*: its input rows and output-gradient rows, in one format.
+
+Every method in natgrad is written once against the reshaped format
+``[batch M, positions P, features]`` (MATH.md, Notation):
+
+* ``a`` rows, shape ``(M, P, d_in')``: the homogeneous input ``ā = [a; 1]`` when the
+  layer has a bias (``d_in' = d_in + 1``), else ``a``. For ``Conv2d`` a row is one
+  unfolded patch ``⟦a⟧`` and ``P = |T|`` is the number of output positions.
+* ``g`` rows, shape ``(M, P, d_out)``: per-sample output gradients ``g_i = ∂ℓ_i/∂s_i``.
+* the gradient matrix ``∇W̄``, shape ``(d_out, d_in')``: ``[∇W, ∇b]`` with a conv weight
+  reshaped to ``c_out × (c_in·k_h·k_w)``.
+
+``nn.Linear`` applied to inputs with extra leading dimensions ``(M, *S, d_in)`` is treated
+exactly like a convolution whose output positions are the ``prod(S)`` entries of ``S``
+(weight sharing over positions, KFC's convention): the first dimension is the batch.
+
+Layer types are looked up in :data:`LAYER_HANDLERS`; register a handler there to teach
+every method a new layer type.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LayerHandler",
+    "LinearHandler",
+    "Conv2dHandler",
+    "LAYER_HANDLERS",
+    "handler_for",
+]
+
+
+class LayerHandler(Protocol):
+    """How one layer type exposes rows and its gradient matrix."""
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """``None`` if natgrad can precondition ``module``, else why not (one line)."""
+
+    def input_rows(self, module: nn.Module, x: Tensor) -> Tensor:
+        """Layer input ``x`` → rows ``ā`` of shape ``(M, P, d_in')``."""
+
+    def output_grad_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        """``∂L/∂s`` with the layer output's shape → rows of shape ``(M, P, d_out)``."""
+
+    def shape(self, module: nn.Module) -> tuple[int, int]:
+        """``(d_out, d_in')`` of the gradient matrix ``∇W̄``."""
+
+
+def _has_bias(module: nn.Module) -> bool:
+    return getattr(module, "bias", None) is not None
+
+
+def _append_ones(rows: Tensor) -> Tensor:
+    ones = rows.new_ones(rows.shape[:-1] + (1,))
+    return torch.cat([rows, ones], dim=-1)
+
+
+def grad_matrix(module: nn.Module) -> Tensor | None:
+    """``∇W̄ = [∇W, ∇b]`` of shape ``(d_out, d_in')`` from ``.grad``; ``None`` if unset."""
+    weight_grad = module.weight.grad
+    if weight_grad is None:
+        return None
+    mat = weight_grad.reshape(weight_grad.shape[0], -1)
+    if _has_bias(module):
+        bias_grad = module.bias.grad
+        if bias_grad is None:
+            bias_grad = torch.zeros_like(module.bias)
+        mat = torch.cat([mat, bias_grad.unsqueeze(1)], dim=1)
+    return mat
+
+
+def write_grad_matrix(module: nn.Module, mat: Tensor) -> None:
+    """Write ``mat`` (``(d_out, d_in')``) back into ``weight.grad`` and ``bias.grad``."""
+    weight = module.weight
+    d_w = weight[0].numel()
+    weight.grad.copy_(mat[:, :d_w].reshape(weight.shape))
+    if _has_bias(module):
+        if module.bias.grad is None:
+            module.bias.grad = torch.zeros_like(module.bias)
+        module.bias.grad.copy_(mat[:, d_w])
+
+
+class LinearHandler:
+    """``nn.Linear``: one row per sample, or per position for inputs ``(M, *S, d_in)``."""
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        return None
+
+    def input_rows(self, module: nn.Module, x: Tensor) -> Tensor:
+        rows = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
+        return _append_ones(rows) if _has_bias(module) else rows
+
+    def output_grad_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        g = grad_output
+        return g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() > 1 else g.reshape(1, 1, -1)
+
+    def shape(self, module: nn.Module) -> tuple[int, int]:
+        return module.out_features, module.in_features + int(_has_bias(module))
+
+
+def _same_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    pads = []
+    for k, d in zip(module.kernel_size, module.dilation):
+        total = d * (k - 1)
+        if total % 2:
+            return None  # asymmetric: unfold cannot express it
+        pads.append(total // 2)
+    return pads[0], pads[1]
+
+
+class Conv2dHandler:
+    """``nn.Conv2d`` (KFC): rows are unfolded patches, one per sample and output position."""
+
+    def _padding(self, module: nn.Conv2d) -> tuple[int, int] | None:
+        if module.padding == "valid":
+            return 0, 0
+        if module.padding == "same":
+            return _same_padding(module)
+        return tuple(module.padding)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups}); only groups=1 is supported"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}; only 'zeros' is supported"
+        if self._padding(module) is None:
+            return "padding='same' with an even kernel extent (asymmetric padding)"
+        return None
+
+    def input_rows(self, module: nn.Module, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        patches = F.unfold(
+            x,
+            kernel_size=module.kernel_size,
+            dilation=module.dilation,
+            padding=self._padding(module),
+            stride=module.stride,
+        )  # (M, c_in·k_h·k_w, |T|)
+        rows = patches.transpose(1, 2)
+        return _append_ones(rows) if _has_bias(module) else rows
+
+    def output_grad_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        g = grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)
+        return g.flatten(2).transpose(1, 2)  # (M, |T|, c_out)
+
+    def shape(self, module: nn.Module) -> tuple[int, int]:
+        c_in = module.in_channels // module.groups
+        d_in = c_in * math.prod(module.kernel_size)
+        return module.out_channels, d_in + int(_has_bias(module))
+
+
+#: Layer type → handler. Exact types first; subclasses fall back to their nearest base.
+LAYER_HANDLERS: dict[type[nn.Module], LayerHandler] = {
+    nn.Linear: LinearHandler(),
+    nn.Conv2d: Conv2dHandler(),
+}
+
+
+def handler_for(module: nn.Module) -> LayerHandler | None:
+    """The handler of ``module``'s type (or nearest registered base), else ``None``."""
+    for cls in type(module).__mro__:
+        if cls in LAYER_HANDLERS:
+            return LAYER_HANDLERS[cls]
+    return None

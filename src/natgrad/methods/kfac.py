@@ -1,0 +1,53 @@
+"""K-FAC / KFC (Martens & Grosse 2015; Grosse & Martens 2016): Kronecker factors ×
+factored-damping inverse (default) or eigen form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import PreconditionerConfig
+from ..curvature import KroneckerFactors
+from ..inverses import EigenInverse, FactoredInverse, InverseStrategy
+from ..preconditioner import Preconditioner
+
+__all__ = ["KFAC", "KFACConfig"]
+
+
+@dataclass(kw_only=True)
+class KFACConfig(PreconditionerConfig):
+    """K-FAC's hyperparameters (see :class:`~natgrad.config.PreconditionerConfig`).
+
+    Attributes:
+        inverse: ``"factored"`` — ``Δ = G_d⁻¹ ∇W̄ A_d⁻¹`` with factored Tikhonov damping
+            (Cholesky inverses; cheapest); ``"eigen"`` — eigendecompositions with damping
+            ``λ`` on the Kronecker product exactly, ``(A ⊗ G + λI)⁻¹``.
+    """
+
+    damping: float = 1e-2
+    kl_clip: float | None = 1e-2
+    inverse: str = "factored"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inverse not in ("factored", "eigen"):
+            raise ValueError(f"inverse must be 'factored' or 'eigen', got {self.inverse!r}")
+
+
+class KFAC(Preconditioner):
+    """K-FAC for ``nn.Linear`` and ``nn.Conv2d``: block ``≈ A ⊗ G`` per layer.
+
+    ``natgrad.KFAC(model)`` builds it with the defaults of :class:`KFACConfig`; see
+    :class:`~natgrad.Preconditioner` for the other arguments.
+    """
+
+    config_class = KFACConfig
+
+    def make_curvature(self, shape, dtype, device) -> KroneckerFactors:
+        return KroneckerFactors(shape, dtype, device)
+
+    def make_inverse(self, shape, dtype, device) -> InverseStrategy:
+        if self.config.inverse == "eigen":
+            return EigenInverse(dtype, device, damping_mode="exact")
+        return FactoredInverse(dtype, device)

@@ -1,0 +1,16 @@
+"""Methods by name, and the pairing of a method with an update rule.
+
+``METHODS[name](model)`` builds a method with its paper defaults. Register a new method
+by adding its class here (or ``METHODS["mine"] = Mine`` from user code).
+"""
+
+from __future__ import annotations
+
+from .methods import KFAC
+from .preconditioner import Preconditioner
+
+__all__ = ["METHODS"]
+
+METHODS: dict[str, type[Preconditioner]] = {
+    "kfac": KFAC,
+}
