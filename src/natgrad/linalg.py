@@ -34,15 +34,14 @@ def input_factor(a: Tensor) -> Tensor:
 
     MATH.md, K-FAC: the sum over positions ``t`` is *not* normalised (KFC's convention).
     """
-    m = a.shape[0]
     flat = a.reshape(-1, a.shape[-1])
-    return flat.T @ (flat / m)
+    return (flat.T @ flat).div_(a.shape[0])
 
 
 def output_factor(g: Tensor) -> Tensor:
     """``G = (1/(M|T|)) Σ_i Σ_t g_{i,t} g_{i,t}ᵀ`` from rows ``g`` of shape ``(M, P, d_out)``."""
     flat = g.reshape(-1, g.shape[-1])
-    return flat.T @ (flat / flat.shape[0])
+    return (flat.T @ flat).div_(flat.shape[0])
 
 
 def running_average(old: Tensor | None, new: Tensor, decay: float) -> Tensor:

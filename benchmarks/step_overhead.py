@@ -1,0 +1,224 @@
+"""Step cost of every natgrad method relative to plain SGD, measured in one run.
+
+On the Fashion-MNIST CNN (conv 1→32 5×5, pool; conv 32→64 5×5, pool; linear 3136→256;
+linear 256→10), batch 128, 2 threads, it prints:
+
+* SGD ms/iter (SGD-momentum, the baseline; timed before and after the methods);
+* per method: SGD-behind-the-method ms/iter amortized over one full ``T_inv`` cycle
+  (each method's own schedule; K-FAC's ``T_cov = 10``, ``T_inv = 100``), its ratio to SGD,
+  and the split of that time into forward+backward (with capture hooks), row capture,
+  curvature update, inverse update, preconditioning and the rest (KL clip, writes,
+  optimizer);
+* per layer: the time of one curvature (factor) update and one inverse update.
+
+Usage: ``python benchmarks/step_overhead.py [--methods kfac,ekfac] [--json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+import natgrad
+from natgrad.capture import LayerCapture
+from natgrad.experiments.data import DatasetMissing, fashion_mnist
+from natgrad.experiments.models import fmnist_cnn
+
+
+def batches(n: int, batch_size: int, seed: int = 0):
+    """Real Fashion-MNIST batches when the files are there, else random ones of its shape."""
+    g = torch.Generator().manual_seed(seed)
+    try:
+        x, y = fashion_mnist()[0].tensors
+    except DatasetMissing:
+        x, y = torch.randn(batch_size * 8, 1, 28, 28, generator=g), torch.randint(0, 10, (batch_size * 8,), generator=g)
+    for _ in range(n):
+        idx = torch.randint(0, len(y), (batch_size,), generator=g)
+        yield x[idx], y[idx]
+
+
+class Split:
+    """Accumulates wall time per phase by wrapping methods of the classes that do the work."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._patches: list[tuple[object, str, object]] = []
+
+    def wrap(self, owner: object, attr: str, phase: str) -> None:
+        original = getattr(owner, attr)
+        seconds = self.seconds
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[phase] += time.perf_counter() - t0
+
+        self._patches.append((owner, attr, original))
+        setattr(owner, attr, timed)
+
+    def restore(self) -> None:
+        for owner, attr, original in reversed(self._patches):
+            setattr(owner, attr, original)
+        self._patches.clear()
+
+
+def time_sgd(data, steps: int, lr: float) -> float:
+    torch.manual_seed(0)
+    model = fmnist_cnn()
+    _, opt = natgrad.build("sgd", model, lr=lr)
+    return _loop(model, None, opt, data, steps, warmup=5)[0]
+
+
+def _loop(model, pre, opt, data, steps, warmup, split: Split | None = None):
+    it = iter(data)
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+            if split is not None:
+                split.seconds.clear()
+        x, y = next(it)
+        opt.zero_grad(set_to_none=True)
+        if split is not None:
+            tf = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if split is not None:
+            split.seconds["forward+backward"] += time.perf_counter() - tf
+        if pre is not None:
+            pre.step()
+        opt.step()
+    total = time.perf_counter() - t0
+    return total / steps * 1e3, loss.item()
+
+
+def time_method(name: str, data, lr: float) -> dict:
+    torch.manual_seed(0)
+    model = fmnist_cnn()
+    pre, opt = natgrad.build(f"{name}+sgd", model, lr=lr)
+    cycle = pre.config.T_inv
+    # Warm up through a full cycle first, so that the timed cycle is a steady-state one
+    # that starts with an inverse update (step T_inv) like every later cycle.
+    _loop(model, pre, opt, data, cycle, warmup=0)
+    split = Split()
+    layer = next(iter(pre.layers.values()))
+    split.wrap(LayerCapture, "pop", "capture")
+    split.wrap(type(layer.curvature), "update", "curvature update")
+    split.wrap(type(layer.inverse), "refresh", "inverse update")
+    split.wrap(type(layer.inverse), "observe", "inverse observe")
+    split.wrap(type(layer.inverse), "apply", "preconditioning")
+    try:
+        ms, loss = _loop(model, pre, opt, data, cycle, warmup=0, split=split)
+    finally:
+        split.restore()
+    accounted = sum(split.seconds.values())
+    phases = {k: v / cycle * 1e3 for k, v in split.seconds.items() if v > 0}
+    phases["rest (clip, writes, optimizer)"] = max(0.0, ms - accounted / cycle * 1e3)
+    per_layer = per_layer_costs(pre, model, data)
+    return {
+        "ms_per_iter": ms,
+        "cycle_steps": cycle,
+        "T_cov": pre.config.T_cov,
+        "T_inv": pre.config.T_inv,
+        "split_ms_per_iter": phases,
+        "per_layer_ms": per_layer,
+        "final_loss": loss,
+    }
+
+
+def per_layer_costs(pre, model, data, repeats: int = 3) -> dict:
+    """One curvature update and one inverse update per layer, best of ``repeats``."""
+    x, y = next(iter(data))
+    pre._capture.active = True
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    stats = pre._capture.pop()
+    out = {}
+    for name, layer in pre.layers.items():
+        cur = layer.curvature
+        state = cur.state_dict()
+        t_cov = _best(lambda: cur.update(stats[name], pre.config.decay), repeats)
+        cur.load_state_dict(state)
+        damping = pre.layer_dampings()[name]
+        inv_state = layer.inverse.state_dict()
+        t_inv = _best(lambda: layer.inverse.refresh(cur, damping), repeats)
+        layer.inverse.load_state_dict(inv_state)
+        d_out, d_in = layer.handler.shape(layer.module)
+        out[name] = {"shape": f"{d_out}x{d_in}", "curvature_update": t_cov, "inverse_update": t_inv}
+    pre._capture.active = pre._wants_stats(pre.steps)
+    return out
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(natgrad.METHODS), help="comma-separated method names")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sgd-steps", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in natgrad.METHODS:
+            parser.error(f"--methods: unknown method {m!r}; known: {', '.join(natgrad.METHODS)}")
+
+    def data():
+        return batches(10**6, args.batch_size)
+
+    sgd_before = time_sgd(data(), args.sgd_steps, args.lr)
+    results = {}
+    for m in methods:
+        results[m] = time_method(m, data(), args.lr)
+        if not args.json:
+            print(f"timed {m}", file=sys.stderr)
+    sgd_after = time_sgd(data(), args.sgd_steps, args.lr)
+    sgd = (sgd_before + sgd_after) / 2
+    for r in results.values():
+        r["ratio_to_sgd"] = r["ms_per_iter"] / sgd
+    report = {
+        "model": "fmnist_cnn",
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "sgd_ms_per_iter": sgd,
+        "sgd_ms_per_iter_before_after": [sgd_before, sgd_after],
+        "methods": results,
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"SGD-momentum: {sgd:.1f} ms/iter (before {sgd_before:.1f}, after {sgd_after:.1f}); "
+          f"batch {args.batch_size}, {args.threads} threads")
+    print(f"\n{'method':<8} {'T_cov/T_inv':>11} {'ms/iter':>8} {'× SGD':>6}   split (ms/iter, amortized)")
+    for m, r in results.items():
+        split = ", ".join(f"{k} {v:.1f}" for k, v in r["split_ms_per_iter"].items())
+        print(f"{m:<8} {r['T_cov']:>5}/{r['T_inv']:<5} {r['ms_per_iter']:>8.1f} {r['ratio_to_sgd']:>6.2f}   {split}")
+    print("\nper layer: one curvature update / one inverse update (ms)")
+    for m, r in results.items():
+        cells = "; ".join(
+            f"{n} [{c['shape']}] {c['curvature_update']:.1f} / {c['inverse_update']:.1f}"
+            for n, c in r["per_layer_ms"].items()
+        )
+        print(f"{m:<8} {cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
