@@ -207,3 +207,23 @@ def test_monte_carlo_fisher_uses_sampled_labels():
     # And it differs from the empirical Fisher with the true labels.
     g_emp = F.softmax(out.detach(), -1) - F.one_hot(y, 3)
     assert not torch.allclose(G_ref, g_emp.T @ g_emp / 9)
+
+
+def test_persistent_clipping_is_reported_once(monkeypatch):
+    monkeypatch.setattr("natgrad.preconditioner.CLIP_STREAK_WARNING", 4)
+    x, y = batch()
+    model = tiny_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    pre = natgrad.KFAC(model, opt, kl_clip=1e-8)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(8):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            pre.step()
+            opt.step()
+    clip = [w for w in caught if issubclass(w.category, natgrad.ClippingWarning)]
+    assert len(clip) == 1 and "no longer depends on the learning rate" in str(clip[0].message)
+    assert 0 < pre.kl_scale < 1

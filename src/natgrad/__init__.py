@@ -16,14 +16,22 @@ from .config import PreconditionerConfig
 from .layers import LAYER_HANDLERS
 from .linalg import DecompositionError
 from .methods import KFAC, KFACConfig
-from .preconditioner import NumericalWarning, Preconditioner, UnsupportedLayerWarning
+from .methods import EKFAC, EKFACConfig, TEKFAC, TEKFACConfig, TKFAC, TKFACConfig
+from .preconditioner import ClippingWarning, NumericalWarning, Preconditioner, UnsupportedLayerWarning
 from .registry import METHODS
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClippingWarning",
     "KFAC",
     "KFACConfig",
+    "EKFAC",
+    "EKFACConfig",
+    "TKFAC",
+    "TKFACConfig",
+    "TEKFAC",
+    "TEKFACConfig",
     "LAYER_HANDLERS",
     "METHODS",
     "DecompositionError",

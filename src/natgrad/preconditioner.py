@@ -34,7 +34,7 @@ from .inverses import InverseStrategy
 from .layers import LayerHandler, grad_matrix, handler_for, write_grad_matrix
 from .linalg import DecompositionError, kl_clip_scale
 
-__all__ = ["Preconditioner", "NumericalWarning", "UnsupportedLayerWarning"]
+__all__ = ["Preconditioner", "ClippingWarning", "NumericalWarning", "UnsupportedLayerWarning"]
 
 STATE_VERSION = 1
 #: Damping multipliers tried, in order, when an inverse update fails.
@@ -43,6 +43,15 @@ _RETRY_DAMPING = (10.0, 100.0)
 
 class NumericalWarning(RuntimeWarning):
     """A numerical fault was met and handled (the step fell back; training goes on)."""
+
+
+class ClippingWarning(UserWarning):
+    """KL clipping has bounded every recent step, so the learning rate no longer sets the
+    step size (``η·ν·Δ`` with ``ν ∝ 1/η``)."""
+
+
+#: Consecutive clipped steps after which :class:`ClippingWarning` is issued (once).
+CLIP_STREAK_WARNING = 200
 
 
 class UnsupportedLayerWarning(UserWarning):
@@ -101,6 +110,9 @@ class Preconditioner(ABC):
         self.fisher = fisher
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps = 0
+        #: The KL-clipping factor ``ν`` of the last step (1.0 when clipping is off/inactive).
+        self.kl_scale = 1.0
+        self._clip_streak = 0
         self._stale = False
         self._warned: set[tuple[str, str]] = set()
         self._generator = torch.Generator().manual_seed(seed)
@@ -381,9 +393,24 @@ class Preconditioner(ABC):
                 lrs[name] ** 2 * torch.sum(deltas[name] * grads[name]).item() for name in deltas
             )
             nu = kl_clip_scale(self.config.kl_clip, 1.0, vdotg)
+            self._note_clip(nu)
             if nu != 1.0:
                 deltas = {name: d * nu for name, d in deltas.items()}
         return deltas
+
+    def _note_clip(self, nu: float) -> None:
+        self.kl_scale = nu
+        self._clip_streak = self._clip_streak + 1 if nu < 1.0 else 0
+        if self._clip_streak == CLIP_STREAK_WARNING and ("*", "clip") not in self._warned:
+            self._warned.add(("*", "clip"))
+            warnings.warn(
+                f"KL clipping (kl_clip={self.config.kl_clip:g}) has scaled down each of the "
+                f"last {CLIP_STREAK_WARNING} steps (last factor {nu:.3g}): the step size no "
+                "longer depends on the learning rate. Raise kl_clip or damping, or lower the "
+                "learning rate, if that is not intended.",
+                ClippingWarning,
+                stacklevel=4,
+            )
 
     def _learning_rates(self) -> dict[str, float]:
         lr_of = {}

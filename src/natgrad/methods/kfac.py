@@ -25,8 +25,10 @@ class KFACConfig(PreconditionerConfig):
             ``λ`` on the Kronecker product exactly, ``(A ⊗ G + λI)⁻¹``.
     """
 
-    damping: float = 1e-2
-    kl_clip: float | None = 1e-2
+    # Measured on the Fashion-MNIST CNN with SGD-momentum at lr 0.05 (docs/defaults.md):
+    # λ = 0.1 with κ = 1e-3 trains without losing accuracy from epoch to epoch.
+    damping: float = 1e-1
+    kl_clip: float | None = 1e-3
     inverse: str = "factored"
 
     def __post_init__(self) -> None:
