@@ -37,7 +37,10 @@ def batches(n: int, batch_size: int, seed: int = 0):
     try:
         x, y = fashion_mnist()[0].tensors
     except DatasetMissing:
-        x, y = torch.randn(batch_size * 8, 1, 28, 28, generator=g), torch.randint(0, 10, (batch_size * 8,), generator=g)
+        x, y = (
+            torch.randn(batch_size * 8, 1, 28, 28, generator=g),
+            torch.randint(0, 10, (batch_size * 8,), generator=g),
+        )
     for _ in range(n):
         idx = torch.randint(0, len(y), (batch_size,), generator=g)
         yield x[idx], y[idx]
@@ -166,13 +169,19 @@ def _best(fn, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(natgrad.METHODS), help="comma-separated method names")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--methods", default=",".join(natgrad.METHODS), help="comma-separated method names"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sgd-steps", type=int, default=50)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of tables"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -204,12 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"SGD-momentum: {sgd:.1f} ms/iter (before {sgd_before:.1f}, after {sgd_after:.1f}); "
-          f"batch {args.batch_size}, {args.threads} threads")
-    print(f"\n{'method':<8} {'T_cov/T_inv':>11} {'ms/iter':>8} {'× SGD':>6}   split (ms/iter, amortized)")
+    print(
+        f"SGD-momentum: {sgd:.1f} ms/iter (before {sgd_before:.1f}, after {sgd_after:.1f}); "
+        f"batch {args.batch_size}, {args.threads} threads"
+    )
+    print(
+        f"\n{'method':<8} {'T_cov/T_inv':>11} {'ms/iter':>8} {'× SGD':>6}"
+        "   split (ms/iter, amortized)"
+    )
     for m, r in results.items():
         split = ", ".join(f"{k} {v:.1f}" for k, v in r["split_ms_per_iter"].items())
-        print(f"{m:<8} {r['T_cov']:>5}/{r['T_inv']:<5} {r['ms_per_iter']:>8.1f} {r['ratio_to_sgd']:>6.2f}   {split}")
+        print(
+            f"{m:<8} {r['T_cov']:>5}/{r['T_inv']:<5} {r['ms_per_iter']:>8.1f} "
+            f"{r['ratio_to_sgd']:>6.2f}   {split}"
+        )
     print("\nper layer: one curvature update / one inverse update (ms)")
     for m, r in results.items():
         cells = "; ".join(

@@ -25,8 +25,12 @@ def patches_by_loops(x: Tensor, conv: nn.Conv2d) -> Tensor:
         per_sample = []
         for oh in range(out_h):
             for ow in range(out_w):
-                patch = xp[i, :, oh * sh : oh * sh + dh * (kh - 1) + 1 : dh,
-                           ow * sw : ow * sw + dw * (kw - 1) + 1 : dw]
+                patch = xp[
+                    i,
+                    :,
+                    oh * sh : oh * sh + dh * (kh - 1) + 1 : dh,
+                    ow * sw : ow * sw + dw * (kw - 1) + 1 : dw,
+                ]
                 row = patch.reshape(-1)
                 if conv.bias is not None:
                     row = torch.cat([row, row.new_ones(1)])

@@ -45,9 +45,7 @@ def test_linear_factors_match_formula(bias):
         torch.testing.assert_close(G, G_ref, rtol=1e-10, atol=1e-12)
 
 
-CONV_CASES = list(
-    itertools.product([(3, 3), (2, 3)], [1, 2], [0, 1], [1, 2], [True, False])
-)
+CONV_CASES = list(itertools.product([(3, 3), (2, 3)], [1, 2], [0, 1], [1, 2], [True, False]))
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation,bias", CONV_CASES)
@@ -111,7 +109,10 @@ def test_sum_reduction_uses_gradients_as_they_are():
 
 def test_unsupported_and_excluded_layers_are_left_alone():
     model = nn.Sequential(
-        nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8),
+        nn.Conv2d(4, 4, 3, groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 8),
         nn.Linear(8, 3),
     )
     with pytest.warns(natgrad.UnsupportedLayerWarning, match="groups=2"):
@@ -122,10 +123,15 @@ def test_unsupported_and_excluded_layers_are_left_alone():
 
 
 def test_exclude_by_type_and_pattern():
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    )
     assert list(natgrad.KFAC(model, exclude=["2.*"]).layers) == ["0"]
-    assert list(natgrad.KFAC(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)),
-                             exclude=[nn.Linear]).layers) == ["0"]
+    assert list(
+        natgrad.KFAC(
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)), exclude=[nn.Linear]
+        ).layers
+    ) == ["0"]
     with pytest.raises(TypeError, match="exclude"):
         natgrad.KFAC(model, exclude=[3])
 

@@ -17,6 +17,7 @@ from .layers import LAYER_HANDLERS
 from .linalg import DecompositionError
 from .methods import KFAC, KFACConfig
 from .methods import EKFAC, EKFACConfig, TEKFAC, TEKFACConfig, TKFAC, TKFACConfig
+from .methods import SKFAC, SKFACConfig, SMKFAC, SMKFACConfig
 from .preconditioner import ClippingWarning, NumericalWarning, Preconditioner, UnsupportedLayerWarning
 from .registry import METHODS
 
@@ -32,6 +33,10 @@ __all__ = [
     "TKFACConfig",
     "TEKFAC",
     "TEKFACConfig",
+    "SKFAC",
+    "SKFACConfig",
+    "SMKFAC",
+    "SMKFACConfig",
     "LAYER_HANDLERS",
     "METHODS",
     "DecompositionError",

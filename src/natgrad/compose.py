@@ -7,7 +7,8 @@ or ``"<rule>"`` alone (no preconditioner: a first-order baseline). Methods come 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,6 +85,8 @@ def build(
     )
     if method is None:
         if method_kwargs:
-            raise ValueError(f"{spec!r} has no method; got method arguments {sorted(method_kwargs)}")
+            raise ValueError(
+                f"{spec!r} has no method; got method arguments {sorted(method_kwargs)}"
+            )
         return None, optimizer
     return METHODS[method](model, optimizer, **method_kwargs), optimizer

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
+import functools
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from .curvature import Curvature, NonFiniteStatistics
 from .inverses import InverseStrategy
 from .layers import LayerHandler, grad_matrix, handler_for, write_grad_matrix
 from .linalg import DecompositionError, kl_clip_scale
+
+if TYPE_CHECKING:
+    from .distributed import DataParallel
 
 __all__ = ["Preconditioner", "ClippingWarning", "NumericalWarning", "UnsupportedLayerWarning"]
 
@@ -84,6 +88,9 @@ class Preconditioner(ABC):
             model's outputs before ``loss.backward()``).
         loss_reduction: ``"mean"`` (the loss is a batch mean; default) or ``"sum"``.
         seed: seed of the generator that samples labels for ``fisher="mc"``.
+        distributed: a :class:`natgrad.distributed.DataParallel` to share statistics and
+            inverse work across data-parallel workers (docs/distributed.md); ``None``:
+            this process alone.
         **hyperparameters: fields of the method's config (see ``config_class``).
     """
 
@@ -98,6 +105,7 @@ class Preconditioner(ABC):
         fisher: str = "empirical",
         loss_reduction: str = "mean",
         seed: int = 0,
+        distributed: DataParallel | None = None,
         **hyperparameters: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -149,6 +157,9 @@ class Preconditioner(ABC):
         self._capture.record_grads = fisher == "empirical"
         if optimizer is not None:
             self.attach(optimizer)
+        self.distributed = distributed
+        if distributed is not None:
+            distributed.bind(self)
 
     # ------------------------------------------------------------------ method hooks
     @abstractmethod
@@ -239,9 +250,7 @@ class Preconditioner(ABC):
         if self.fisher != "mc" or not self._capture.active:
             return
         if likelihood not in ("categorical", "gaussian"):
-            raise ValueError(
-                f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}"
-            )
+            raise ValueError(f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
         with torch.no_grad():
             if likelihood == "categorical":
                 probs = F.softmax(outputs.detach().float().cpu(), dim=-1)
@@ -288,11 +297,15 @@ class Preconditioner(ABC):
         if self._updates_curvature(step):
             self._update_curvature(stats)
         dampings = self.layer_dampings()
+        if refresh:
+            self._refresh_all(dampings)
         for name, layer in self.layers.items():
-            if refresh:
-                self._refresh(name, layer, dampings[name])
             if name in stats and self._observes(step, layer) and layer.inverse.ready:
-                self._guard(name, "observe", layer.inverse.observe, stats[name], self.config.decay)
+                observe = layer.inverse.observe
+                if self.distributed is not None:
+                    comm = self.distributed.comm
+                    observe = functools.partial(layer.inverse.observe_across, comm=comm)
+                self._guard(name, "observe", observe, stats[name], self.config.decay)
         deltas = self._precondition(grads, dampings)
         self._write(deltas)
         self._stale = False
@@ -304,7 +317,18 @@ class Preconditioner(ABC):
             if name not in stats:
                 continue
             decay = self.config.decay if layer.curvature.initialized else 0.0
-            self._guard(name, "statistics", layer.curvature.update, stats[name], decay)
+            update = layer.curvature.update
+            if self.distributed is not None:
+                comm = self.distributed.comm
+                update = functools.partial(layer.curvature.update_across, comm=comm)
+            self._guard(name, "statistics", update, stats[name], decay)
+
+    def _refresh_all(self, dampings: Mapping[str, float]) -> None:
+        if self.distributed is not None:
+            self.distributed.refresh(self, dampings)  # owners refresh, then share
+            return
+        for name, layer in self.layers.items():
+            self._refresh(name, layer, dampings[name])
 
     def _guard(self, name: str, what: str, fn, *args) -> bool:
         """Run ``fn``; on NaN/Inf statistics warn once and leave the state as it was."""
@@ -313,8 +337,10 @@ class Preconditioner(ABC):
             return True
         except NonFiniteStatistics:
             self._warn_once(
-                name, what, f"layer {name!r}: non-finite {what} in this batch; kept the "
-                "previous running estimate"
+                name,
+                what,
+                f"layer {name!r}: non-finite {what} in this batch; kept the "
+                "previous running estimate",
             )
             return False
 
@@ -329,14 +355,18 @@ class Preconditioner(ABC):
                 continue
             if factor != 1.0:
                 self._warn_once(
-                    name, "retry", f"layer {name!r}: inverse update failed at damping "
-                    f"{damping:g}; succeeded with {damping * factor:g}"
+                    name,
+                    "retry",
+                    f"layer {name!r}: inverse update failed at damping "
+                    f"{damping:g}; succeeded with {damping * factor:g}",
                 )
             return
         fallback = "the previous inverse" if layer.inverse.ready else "the plain gradient"
         self._warn_once(
-            name, "refresh", f"layer {name!r}: inverse update failed even with damping "
-            f"{damping * _RETRY_DAMPING[-1]:g} ({last}); using {fallback}"
+            name,
+            "refresh",
+            f"layer {name!r}: inverse update failed even with damping "
+            f"{damping * _RETRY_DAMPING[-1]:g} ({last}); using {fallback}",
         )
 
     def _warn_once(self, name: str, kind: str, message: str) -> None:
@@ -376,8 +406,10 @@ class Preconditioner(ABC):
             if not torch.isfinite(delta).all():
                 if torch.isfinite(grad).all():
                     self._warn_once(
-                        name, "apply", f"layer {name!r}: preconditioned gradient is not "
-                        "finite; used the plain gradient"
+                        name,
+                        "apply",
+                        f"layer {name!r}: preconditioned gradient is not "
+                        "finite; used the plain gradient",
                     )
                 delta = grad
             out[name] = delta.to(grad.dtype)
@@ -386,11 +418,15 @@ class Preconditioner(ABC):
     def _precondition(
         self, grads: Mapping[str, Tensor], dampings: Mapping[str, float]
     ) -> dict[str, Tensor]:
-        deltas = self.precondition(grads, dampings)
+        if self.distributed is not None:
+            deltas = self.distributed.precondition(self, grads, dampings)
+        else:
+            deltas = self.precondition(grads, dampings)
         if self.config.kl_clip is not None:
             lrs = self._learning_rates()
             vdotg = sum(
-                lrs[name] ** 2 * torch.sum(deltas[name] * grads[name]).item() for name in deltas
+                lrs[name] ** 2 * torch.dot(deltas[name].reshape(-1), grads[name].reshape(-1)).item()
+                for name in deltas
             )
             nu = kl_clip_scale(self.config.kl_clip, 1.0, vdotg)
             self._note_clip(nu)
@@ -418,8 +454,7 @@ class Preconditioner(ABC):
             for p in group["params"]:
                 lr_of[p] = group["lr"]
         return {
-            name: float(lr_of.get(layer.module.weight, 0.0))
-            for name, layer in self.layers.items()
+            name: float(lr_of.get(layer.module.weight, 0.0)) for name, layer in self.layers.items()
         }
 
     def _write(self, deltas: Mapping[str, Tensor]) -> None:

@@ -6,11 +6,17 @@ by adding its class here (or ``METHODS["mine"] = Mine`` from user code).
 
 from __future__ import annotations
 
-from .methods import KFAC
+from .methods import EKFAC, KFAC, TEKFAC, TKFAC
+from .methods import SKFAC, SMKFAC
 from .preconditioner import Preconditioner
 
 __all__ = ["METHODS"]
 
 METHODS: dict[str, type[Preconditioner]] = {
     "kfac": KFAC,
+    "ekfac": EKFAC,
+    "tkfac": TKFAC,
+    "tekfac": TEKFAC,
+    "skfac": SKFAC,
+    "smkfac": SMKFAC,
 }

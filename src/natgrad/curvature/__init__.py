@@ -2,5 +2,9 @@
 
 from .base import Curvature, NonFiniteStatistics
 from .kronecker import KroneckerFactors
+from .trace_restricted import TraceRestrictedFactors
+from .batch_matrices import BatchMatrices
+from .diagonal_switch import DiagonalSwitchFactors
 
-__all__ = ["Curvature", "NonFiniteStatistics", "KroneckerFactors"]
+__all__ = ["Curvature", "NonFiniteStatistics", "KroneckerFactors", "TraceRestrictedFactors"]
+__all__ += ["BatchMatrices", "DiagonalSwitchFactors"]

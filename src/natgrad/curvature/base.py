@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..capture import LayerStats
 from ..state import Stateful
+
+if TYPE_CHECKING:
+    from ..distributed.comm import Collective
 
 __all__ = ["Curvature", "NonFiniteStatistics"]
 
@@ -51,6 +55,32 @@ class Curvature(Stateful, ABC):
     def factors(self) -> tuple[Tensor, Tensor]:
         """The current factors ``(A, G)`` as dense tensors, ``(d_in', d_in')`` and
         ``(d_out, d_out)``, in MATH.md's convention (the block is ``≈ A ⊗ G``)."""
+
+    # ------------------------------------------------------------------ data parallelism
+    def averaged_keys(self) -> tuple[str, ...]:
+        """State names :meth:`update_across` averages over workers (default: every name in
+        ``_state_keys``; only floating tensors and floats are averaged, flags and ``None``
+        are left as they are)."""
+        return self._state_keys
+
+    def update_across(self, stats: LayerStats, decay: float, comm: Collective) -> None:
+        """:meth:`update` for a global batch split over data-parallel workers
+        (docs/distributed.md). Every worker calls it with its own rows; afterwards every
+        worker holds the estimate of the global batch.
+
+        Default: :meth:`update` with this worker's rows, then the mean over workers,
+        weighted by their batch sizes ``M_w``, of :meth:`averaged_keys`. That is exact when
+        the batch estimate is a sample mean and the state its running average (K-FAC's
+        ``A``, ``G``): ``Σ_w (M_w/M)(ε X + (1−ε) X_w) = ε X + (1−ε) X_batch``.
+
+        Override it when the batch estimate is not a sample mean — a ratio of sample means
+        (TKFAC's ``Φ = E[tr Γ·Λ]/δ``: average ``δ`` and ``δ·Φ``) or per-sample rows
+        (SKFAC's ``Y``: gather the rows with ``comm.all_gather_rows``, ``m`` grows with
+        the world size). Every worker must reach the same collectives: run what can fail
+        on one worker through ``comm.agree``.
+        """
+        comm.agree(self, self.update, stats, decay)
+        comm.weighted_mean_(self, self.averaged_keys(), stats.batch_size)
 
 
 def check_finite(*tensors: Tensor) -> None:

@@ -81,6 +81,31 @@ class TraceRestrictedFactors(Curvature):
         self.Phi = running_average(self.Phi, Phi, decay)
         self.Psi = running_average(self.Psi, Psi, decay)
 
+    def update_across(self, stats: LayerStats, decay: float, comm) -> None:
+        """:meth:`update` for a batch split over data-parallel workers (docs/distributed.md).
+
+        ``Φ`` and ``Ψ`` are ratios of sample means, so averaging them would be wrong when
+        the workers' ``δ_w`` differ; ``δ``, ``δ·Φ = E[tr Γ·Λ]`` and ``δ·Ψ = E[tr Λ·Γ]`` are
+        sample means: they are averaged (weighted by batch size), then divided.
+        """
+
+        def local() -> tuple[Tensor, Tensor, Tensor]:
+            rows = stats.to(self.dtype)
+            delta, Phi, Psi = trace_restricted_batch(rows.a, rows.g)
+            check_finite(delta, Phi, Psi)
+            return delta, delta * Phi, delta * Psi
+
+        delta, delta_Phi, delta_Psi = comm.weighted_mean(comm.agree(None, local), stats.batch_size)
+        if delta.item() > 0:
+            Phi, Psi = delta_Phi / delta, delta_Psi / delta
+        else:  # every per-sample gradient is zero: as trace_restricted_batch
+            Phi = torch.eye(self.shape[1], dtype=self.dtype, device=self.device) / self.shape[1]
+            Psi = torch.eye(self.shape[0], dtype=self.dtype, device=self.device) / self.shape[0]
+        delta = delta.item()
+        self.delta = delta if self.delta is None else decay * self.delta + (1 - decay) * delta
+        self.Phi = running_average(self.Phi, Phi, decay)
+        self.Psi = running_average(self.Psi, Psi, decay)
+
     def trace(self) -> float:
         """``tr(δ Φ⊗Ψ) = δ · tr Φ · tr Ψ`` (``= δ`` up to rounding)."""
         return self.delta * torch.trace(self.Phi).item() * torch.trace(self.Psi).item()

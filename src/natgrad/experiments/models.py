@@ -1,10 +1,18 @@
-"""Models used by the papers' experiments, written here (no torchvision)."""
+"""Models used by the papers' experiments, written here (no torchvision).
+
+Every builder in :data:`MODELS` takes ``(in_channels, num_classes, image_size)`` so any
+model runs on any dataset.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
 
-__all__ = ["mlp", "fmnist_cnn"]
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MODELS", "build_model", "mlp", "fmnist_cnn", "resnet", "vgg", "count_parameters"]
 
 
 def mlp(in_features: int, num_classes: int, hidden: tuple[int, ...] = (128, 128)) -> nn.Sequential:
@@ -34,3 +42,136 @@ def fmnist_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 28
         nn.ReLU(),
         nn.Linear(256, num_classes),
     )
+
+
+# ---------------------------------------------------------------------- CIFAR ResNets
+class _BasicBlock(nn.Module):
+    """Two 3×3 conv–BN layers with an identity shortcut. When the block halves the
+    resolution and doubles the width, the shortcut subsamples and zero-pads channels
+    (He et al. 2016, CIFAR option A: parameter-free, which gives ResNet-20 its 0.27M)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride = stride
+        self.extra_channels = planes - in_planes
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra_channels:
+            half = self.extra_channels // 2
+            x = F.pad(x, (0, 0, 0, 0, half, self.extra_channels - half))
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet-(6n+2) (He et al. 2016, §4.2): a 3×3 conv to 16 channels, three stages
+    of ``n`` basic blocks at 16/32/64 channels (stride 2 entering stages 2 and 3), global
+    average pooling, one linear classifier."""
+
+    def __init__(self, depth: int, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 56, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.conv = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        blocks: list[nn.Module] = []
+        in_planes = 16
+        for stage, planes in enumerate((16, 32, 64)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(_BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.blocks(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet(depth: int, in_channels: int = 3, num_classes: int = 10, image_size: int = 32
+           ) -> ResNet:
+    """CIFAR ResNet of the given depth (20, 32, 56, ...); any image size works."""
+    del image_size  # global average pooling makes the network size-agnostic
+    return ResNet(depth, in_channels, num_classes)
+
+
+# ---------------------------------------------------------------------- VGG with BN
+_VGG_CONFIGS: dict[int, tuple[int | str, ...]] = {
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+         512, 512, 512, "M"),
+}
+
+
+def vgg(depth: int, in_channels: int = 3, num_classes: int = 10, image_size: int = 32
+        ) -> nn.Sequential:
+    """VGG-11/16 with batch norm after every 3×3 conv (Simonyan & Zisserman 2015, CIFAR
+    form: one linear classifier 512 → classes). A max-pool that would shrink the image
+    below 1×1 is left out, so small images (28×28, 8×8) work too."""
+    if depth not in _VGG_CONFIGS:
+        raise ValueError(f"depth must be one of {sorted(_VGG_CONFIGS)}, got {depth}")
+    layers: list[nn.Module] = []
+    channels, side = in_channels, image_size
+    for item in _VGG_CONFIGS[depth]:
+        if item == "M":
+            if side >= 2:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+            continue
+        layers += [
+            nn.Conv2d(channels, int(item), 3, padding=1, bias=False),
+            nn.BatchNorm2d(int(item)),
+            nn.ReLU(inplace=True),
+        ]
+        channels = int(item)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------------- by name
+def _mlp(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    return mlp(in_channels * image_size * image_size, num_classes)
+
+
+#: Model name → builder ``(in_channels, num_classes, image_size) → nn.Module``.
+MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "mlp": _mlp,
+    "cnn": fmnist_cnn,
+    "resnet20": lambda c, k, s: resnet(20, c, k, s),
+    "resnet32": lambda c, k, s: resnet(32, c, k, s),
+    "resnet56": lambda c, k, s: resnet(56, c, k, s),
+    "vgg11": lambda c, k, s: vgg(11, c, k, s),
+    "vgg16": lambda c, k, s: vgg(16, c, k, s),
+}
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """Build a model of :data:`MODELS` by name for images ``(in_channels, S, S)``.
+
+    Raises:
+        ValueError: unknown ``name``.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[name](in_channels, num_classes, image_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

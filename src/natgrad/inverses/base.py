@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -10,6 +11,9 @@ from torch import Tensor
 from ..capture import LayerStats
 from ..curvature import Curvature
 from ..state import Stateful
+
+if TYPE_CHECKING:
+    from ..distributed.comm import Collective
 
 __all__ = ["InverseStrategy"]
 
@@ -54,3 +58,29 @@ class InverseStrategy(Stateful, ABC):
     @abstractmethod
     def apply(self, grad: Tensor, damping: float) -> Tensor:
         """The preconditioned direction ``Δ`` for gradient matrix ``grad`` (same shape)."""
+
+    # ------------------------------------------------------------------ data parallelism
+    def refresh_cost(self, shape: tuple[int, int]) -> float:
+        """Estimated cost of one :meth:`refresh` for a layer of ``shape`` ``(d_out, d_in')``,
+        used to balance which worker refreshes which layer (default ``d_out³ + d_in'³``,
+        two ``O(n³)`` decompositions)."""
+        d_out, d_in = shape
+        return float(d_out) ** 3 + float(d_in) ** 3
+
+    def broadcast_keys(self) -> tuple[str, ...]:
+        """State names the owner broadcasts after :meth:`refresh`, so that every worker can
+        :meth:`apply` (default: every name in ``_state_keys``)."""
+        return self._state_keys
+
+    def observed_keys(self) -> tuple[str, ...]:
+        """State names :meth:`observe` folds batch rows into; :meth:`observe_across`
+        averages them over workers (default: every name in ``_state_keys``, which is
+        correct but sends more than needed; EKFAC's re-scaling names only ``S``)."""
+        return self._state_keys
+
+    def observe_across(self, stats: LayerStats, decay: float, comm: Collective) -> None:
+        """:meth:`observe` for a global batch split over data-parallel workers: observe this
+        worker's rows, then the mean over workers (weighted by batch size) of
+        :meth:`observed_keys` — exact for sample-mean statistics such as EKFAC's ``S``."""
+        comm.agree(self, self.observe, stats, decay)
+        comm.weighted_mean_(self, self.observed_keys(), stats.batch_size)

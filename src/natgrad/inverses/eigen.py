@@ -32,9 +32,7 @@ class EigenInverse(InverseStrategy):
     def __init__(self, *args, damping_mode: str = "exact", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if damping_mode not in ("exact", "factored"):
-            raise ValueError(
-                f"damping_mode must be 'exact' or 'factored', got {damping_mode!r}"
-            )
+            raise ValueError(f"damping_mode must be 'exact' or 'factored', got {damping_mode!r}")
         self.damping_mode = damping_mode
         self.Q_A: Tensor | None = None
         self.alpha: Tensor | None = None

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..config import PreconditionerConfig
 from ..curvature import KroneckerFactors
 from ..inverses import EigenInverse, FactoredInverse, InverseStrategy

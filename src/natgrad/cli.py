@@ -1,0 +1,335 @@
+"""The ``natgrad`` command: ``bench``, ``tune`` and ``report`` (see ``docs/bench.md``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_EPILOG_HP = """\
+hyperparameters: --lr/--weight-decay/--damping take VALUE (every method that has it) or
+SPEC=VALUE items, comma-separated or repeated (e.g. --lr kfac=0.05,adam=1e-3); --set takes
+[SPEC:]NAME=VALUE for any method field (e.g. --set kfac:T_inv=50 --set kl_clip=none).
+Precedence: defaults < --preset < --settings < command line."""
+
+
+def _add_common(p: argparse.ArgumentParser, *, default_epochs: float) -> None:
+    from natgrad.experiments.data import DATASETS
+    from natgrad.experiments.models import MODELS
+    from natgrad.experiments.presets import PRESETS
+
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default="fashion-mnist", choices=list(DATASETS),
+                   help="dataset (default: %(default)s)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder holding the dataset files (CIFAR/SVHN default: ./data; "
+                   "Fashion-MNIST falls back to /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--model", default="cnn", choices=list(MODELS),
+                   help="model (default: %(default)s)")
+    g.add_argument("--no-augment", action="store_true",
+                   help="switch off the dataset's training augmentation")
+    g = p.add_argument_group("methods")
+    g.add_argument("--methods", default=None,
+                   help="comma-separated specs, e.g. sgd,adam,kfac,ekfac+adam,soap (default: "
+                   "sgd, adam, every registered method, and soap/shampoo if heavyball is "
+                   "installed)")
+    g.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="a paper's settings, named after its method (batch size, schedule, "
+                   "T_cov/T_inv, damping, lr; methods compared when --methods is not given)")
+    g.add_argument("--lr", action="append", default=[], metavar="[SPEC=]VALUE",
+                   help="learning rate(s)")
+    g.add_argument("--weight-decay", action="append", default=[], metavar="[SPEC=]VALUE",
+                   help="weight decay(s) (default 0)")
+    g.add_argument("--damping", action="append", default=[], metavar="[SPEC=]VALUE",
+                   help="damping λ of K-FAC-family methods")
+    g.add_argument("--set", action="append", default=[], metavar="[SPEC:]NAME=VALUE",
+                   help="any method hyperparameter (config field or peer keyword)")
+    g = p.add_argument_group("budget and schedule")
+    g.add_argument("--epochs", type=float, default=None,
+                   help=f"epochs per run (fractions allowed; default {default_epochs:g} "
+                   "unless --minutes is given)")
+    g.add_argument("--minutes", type=float, default=None,
+                   help="training-clock minutes per run (with --epochs: whichever ends first)")
+    g.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
+    g.add_argument("--lr-schedule", default=None, metavar="SCHEDULE",
+                   help="constant | step:every=EPOCHS,gamma=0.1 | step:every_steps=N | "
+                   "cosine[:warmup=EPOCHS] (default: constant, or the preset's)")
+    g.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    g.add_argument("--evals-per-epoch", type=int, default=2,
+                   help="test evaluations per epoch (default: %(default)s)")
+    g.add_argument("--log-every", type=int, default=10,
+                   help="steps between training-loss log records (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--device", default="cpu",
+                   help="torch device to train on, e.g. cuda (default: %(default)s)")
+    g = p.add_argument_group("output")
+    g.add_argument("--resume", action="store_true",
+                   help="continue interrupted runs in --out from their last epoch checkpoint "
+                   "(finished runs are kept)")
+    g.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="tqdm progress bars on stderr (auto: when stderr is a terminal)")
+    g.add_argument("--quiet", action="store_true", help="no per-evaluation lines on stderr")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the resolved plan (methods, hyperparameters) and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="natgrad",
+        description="Benchmark Kronecker-factored natural-gradient methods against "
+        "SGD-momentum and Adam on real data (docs/bench.md).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    bench = sub.add_parser(
+        "bench", help="train one model with every method; write table, plots and logs",
+        description="Train one model on one dataset with a list of methods (same seed, data "
+        "order and budget), then write results.md/.csv, plots/*.png and per-run JSON-lines "
+        "logs into --out.", epilog=_EPILOG_HP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(bench, default_epochs=3)
+    bench.add_argument("--targets", default=None, metavar="ACC[,ACC...]",
+                       help="test-accuracy thresholds, in %% or 0–1 (default per dataset; "
+                       "fashion-mnist: 88,90)")
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="seeds seed..seed+N-1 per method; table shows mean ± std")
+    bench.add_argument("--settings", default=None, metavar="JSON",
+                       help="best settings written by `natgrad tune`")
+    bench.add_argument("--out", default="results", help="results folder (default: %(default)s)")
+
+    tune = sub.add_parser(
+        "tune", help="grid-search lr × damping × weight decay; write best settings JSON",
+        description="The papers' grid search: every (lr, damping, weight decay) point trains "
+        "for a few epochs; the best point per method by training loss is written to a JSON "
+        "that `natgrad bench --settings` reads.", epilog=_EPILOG_HP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(tune, default_epochs=2)
+    tune.add_argument("--lrs", default=None, metavar="LR[,LR...]",
+                      help="learning rates (default: each method's default × 1/3, 1, 3; or "
+                      "the preset's grid)")
+    tune.add_argument("--dampings", default=None, metavar="D[,D...]",
+                      help="dampings for K-FAC-family methods (default: 0.03,0.003,0.001)")
+    tune.add_argument("--weight-decays", default=None, metavar="WD[,WD...]",
+                      help="weight decays (default: 0,5e-4)")
+    tune.add_argument("--out", default="tune", help="folder for the tuning runs "
+                      "(default: %(default)s)")
+    tune.add_argument("--settings-out", default=None, metavar="JSON",
+                      help="where to write the best settings (default: OUT/settings.json)")
+
+    report = sub.add_parser(
+        "report", help="rebuild table and plots from a results folder",
+        description="Rebuild results.md, results.csv and plots/ from the logs saved in DIR "
+        "by `natgrad bench`.",
+    )
+    report.add_argument("dir", metavar="DIR", help="results folder written by `natgrad bench`")
+    report.add_argument("--targets", default=None, metavar="ACC[,ACC...]",
+                        help="accuracy thresholds, in %% or 0–1 (default: the bench's)")
+    return parser
+
+
+def _floats(option: str, text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} expects comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} is empty")
+    return values
+
+
+def _targets(text: str | None) -> list[float] | None:
+    values = _floats("--targets", text)
+    if values is None:
+        return None
+    out = [v / 100 if v > 1 else v for v in values]
+    bad = [v for v in out if not 0 < v <= 1]
+    if bad:
+        raise ValueError(f"--targets must be accuracies in (0, 100]%, got {text!r}")
+    return out
+
+
+def _plan(args: argparse.Namespace, default_epochs: float):
+    """Resolve data/model/methods/hyperparameters/budget into a BenchPlan."""
+    from natgrad.experiments import methods as M
+    from natgrad.experiments.bench import DEFAULT_TARGETS, BenchPlan
+    from natgrad.experiments.presets import get_preset
+    from natgrad.experiments.schedule import LRSchedule, parse_schedule
+    from natgrad.experiments.tune import read_settings
+
+    preset = get_preset(args.preset) if args.preset else None
+    if args.methods:
+        specs = args.methods.split(",")
+    elif preset is not None:
+        specs = [s for s in preset.methods if _installed(s)]
+    else:
+        specs = M.default_specs()
+    methods, skipped = M.select(specs)
+    notes = list(skipped)
+    for line in skipped:
+        print(line, file=sys.stderr)
+    if not methods:
+        raise ValueError(f"no method left to run from --methods {args.methods!r}")
+    preset_hp = (
+        {m.name: preset.settings_for(m.name, m.method is not None) for m in methods}
+        if preset else None
+    )
+    settings = None
+    if getattr(args, "settings", None):
+        settings = {M.resolve(k).name: v for k, v in read_settings(args.settings).items()}
+    overrides: dict = {}
+    for option, key, values in (("--lr", "lr", args.lr),
+                                ("--weight-decay", "weight_decay", args.weight_decay),
+                                ("--damping", "damping", args.damping),
+                                ("--set", None, args.set)):
+        for target, hp in M.parse_overrides(option, key, values).items():
+            overrides.setdefault(target, {}).update(hp)
+    hyperparameters, hp_notes = M.merge_hyperparameters(
+        methods, preset=preset_hp, settings=settings, overrides=overrides)
+    notes += hp_notes
+    if args.lr_schedule:
+        schedule = parse_schedule(args.lr_schedule)
+    elif preset is not None:
+        schedule = preset.schedule_for(args.dataset)
+    else:
+        schedule = LRSchedule()
+    epochs, minutes = args.epochs, args.minutes
+    if epochs is None and minutes is None:
+        epochs = default_epochs
+    if schedule.needs_epochs() and epochs is None:
+        raise ValueError(f"--lr-schedule {schedule} needs --epochs (it anneals to the end)")
+    batch = args.batch_size or (preset.batch_size if preset else 128)
+    targets = _targets(getattr(args, "targets", None)) or list(
+        DEFAULT_TARGETS.get(args.dataset, (0.9,)))
+    from natgrad.experiments.train import RunConfig
+
+    RunConfig(spec="sgd", hyperparameters={}, dataset=args.dataset, model=args.model,
+              epochs=1, device=args.device)  # validates --device before anything runs
+    repeats = getattr(args, "repeats", 1)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    return BenchPlan(
+        dataset=args.dataset, model=args.model, methods=methods,
+        hyperparameters=hyperparameters, batch_size=batch, epochs=epochs, minutes=minutes,
+        seeds=[args.seed + i for i in range(repeats)], targets=targets, schedule=schedule,
+        evals_per_epoch=args.evals_per_epoch, log_every=args.log_every,
+        augment=False if args.no_augment else None, data_dir=args.data_dir,
+        device=args.device, preset=args.preset, notes=notes,
+    )
+
+
+def _installed(spec: str) -> bool:
+    from natgrad.experiments.methods import resolve
+
+    try:
+        resolve(spec)
+    except ValueError:
+        return False
+    return True
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.progress]
+
+
+def _print_plan(plan, extra: str = "") -> None:
+    import json
+
+    print(json.dumps({k: v for k, v in plan.as_dict().items() if k != "machine"}, indent=2))
+    if extra:
+        print(extra)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from natgrad.experiments.bench import run_bench
+
+    plan = _plan(args, default_epochs=3)
+    if args.dry_run:
+        _print_plan(plan)
+        return 0
+    text = run_bench(plan, args.out, resume=args.resume, progress=_progress(args),
+                     quiet=args.quiet)
+    print(text)
+    out = Path(args.out)
+    print(f"table: {out / 'results.md'}, {out / 'results.csv'}; plots: {out / 'plots'}; "
+          f"logs: {out / 'runs'}/<method>/seed<k>/log.jsonl")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from natgrad.experiments.presets import get_preset
+    from natgrad.experiments.tune import grid_points, run_tune
+
+    plan = _plan(args, default_epochs=2)
+    plan.evals_per_epoch = 1
+    grid = get_preset(args.preset).grid if args.preset else {}
+    lrs = _floats("--lrs", args.lrs)
+    dampings = _floats("--dampings", args.dampings) or grid.get("damping")
+    wds = _floats("--weight-decays", args.weight_decays)
+    if wds is None:
+        wds = grid.get("weight_decay")
+    grids = {}
+    for m in plan.methods:
+        m_lrs = lrs or grid.get("lr_first_order" if m.first_order else "lr") or (
+            grid.get("lr") if m.peer else None)
+        grids[m.name] = grid_points(m, plan.hyperparameters[m.name], m_lrs, dampings, wds)
+    settings_out = args.settings_out or str(Path(args.out) / "settings.json")
+    if args.dry_run:
+        _print_plan(plan, f"grid points: { {k: len(v) for k, v in grids.items()} }")
+        return 0
+    settings = run_tune(plan, grids, args.out, settings_out, resume=args.resume,
+                        progress=_progress(args), quiet=args.quiet)
+    print("| method | best settings | training loss |")
+    print("|---|---|---|")
+    for r in settings["results"]:
+        if r["hyperparameters"] == settings["settings"][r["spec"]]:
+            hp = ", ".join(f"{k}={v:g}" for k, v in r["hyperparameters"].items()
+                           if k in ("lr", "damping", "weight_decay"))
+            loss = "diverged" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+            print(f"| {r['spec']} | {hp} | {loss} |")
+    print(f"settings: {settings_out} (use with `natgrad bench --settings {settings_out}`)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from natgrad.experiments.bench import write_report
+
+    if not Path(args.dir).is_dir():
+        raise FileNotFoundError(f"DIR {args.dir} is not a folder")
+    print(write_report(args.dir, _targets(args.targets)))
+    print(f"rebuilt {Path(args.dir) / 'results.md'}, results.csv and plots/")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``natgrad`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"bench": _cmd_bench, "tune": _cmd_tune, "report": _cmd_report}
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("\nnatgrad: interrupted; run the same command with --resume to continue from the "
+              "last epoch checkpoint", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `natgrad ... | head`: stop quietly
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except (ValueError, FileNotFoundError) as e:  # DatasetMissing is a FileNotFoundError
+        print(f"natgrad {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""One training run: a method on a model and dataset, on a budget, logged and checkpointed.
+
+Fairness rules every run of a benchmark shares:
+- the model is initialised from ``torch.manual_seed(seed)`` (same weights for every method);
+- one data generator seeded with ``seed`` draws each epoch's order and the augmentation, so
+  every method sees the same batches in the same order;
+- the clock counts training steps only (batch preparation, forward, backward,
+  preconditioner, optimizer); evaluation, logging and checkpointing are excluded.
+
+Files in the run folder: ``meta.json`` (config, status, summary), ``log.jsonl`` (one JSON
+object per line: ``kind`` = ``"train"`` every ``log_every`` steps or ``"eval"``, with
+``step``, ``epoch``, ``time`` (training seconds), ``train_loss``, ``lr`` and, for evals,
+``test_loss`` and ``test_acc``), ``checkpoint.pt`` (written at every epoch end; resuming
+from it reproduces the uninterrupted run exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ImageData
+from .methods import resolve
+from .models import build_model, count_parameters
+from .schedule import LRSchedule
+
+__all__ = ["RunConfig", "train_run", "evaluate", "read_log", "ConfigMismatch"]
+
+CHECKPOINT_VERSION = 1
+
+
+class ConfigMismatch(ValueError):
+    """``--resume`` found a run folder written with other settings."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines one run's numbers.
+
+    Attributes:
+        spec: method spec (``"kfac"``, ``"ekfac+adam"``, ``"sgd"``, ``"soap"``...).
+        hyperparameters: ``lr``, ``weight_decay`` and method fields (see ``methods.py``).
+        dataset, model: names from :data:`~natgrad.experiments.data.DATASETS` and
+            :data:`~natgrad.experiments.models.MODELS`.
+        batch_size: training mini-batch size (the last incomplete batch of an epoch is
+            dropped, so every step sees the same batch size).
+        epochs: epoch budget (fractions allowed) or ``None``.
+        minutes: training-clock budget or ``None``; with both, whichever ends first.
+        seed: model initialisation, data order and augmentation.
+        evals_per_epoch: test-set evaluations per epoch (evenly spaced; the last at the
+            epoch's end), besides one before training and one at the end.
+        log_every: steps between ``"train"`` log records.
+        schedule: learning-rate schedule (:class:`LRSchedule` fields).
+        augment: training augmentation on/off; ``None`` keeps the dataset's default.
+        eval_batch_size: batch size of evaluation (no effect on numbers).
+        device: torch device to train on (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+    """
+
+    spec: str
+    hyperparameters: dict[str, Any]
+    dataset: str
+    model: str
+    batch_size: int = 128
+    epochs: float | None = None
+    minutes: float | None = None
+    seed: int = 0
+    evals_per_epoch: int = 2
+    log_every: int = 10
+    schedule: dict[str, Any] = field(default_factory=lambda: LRSchedule().as_dict())
+    augment: bool | None = None
+    eval_batch_size: int = 1000
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device must be a torch device name like 'cpu' or 'cuda', "
+                             f"got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        if self.epochs is None and self.minutes is None:
+            raise ValueError("a run needs a budget: epochs or minutes (or both)")
+        for name in ("epochs", "minutes"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        for name in ("batch_size", "evals_per_epoch", "log_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000,
+             device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (0–1) on the test set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    n = len(data.y_test)
+    for start in range(0, n, batch_size):
+        x, y = data.test_batch(torch.arange(start, min(n, start + batch_size)))
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += int((out.argmax(1) == y).sum())
+    model.train(was_training)
+    return loss_sum / n, correct / n
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a ``log.jsonl`` (a torn last line from a crash is skipped)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+@dataclass
+class _Clock:
+    """Training progress that a checkpoint must carry."""
+
+    step: int = 0
+    time: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    log_sum: float = 0.0
+    log_count: int = 0
+    last_eval_step: int = -1
+    log_lines: int = 0
+    final: dict[str, Any] = field(default_factory=dict)
+
+
+class _Run:
+    """The state of one run in progress (model, optimizer, generators, files)."""
+
+    def __init__(self, cfg: RunConfig, data: ImageData, run_dir: Path) -> None:
+        self.cfg, self.data, self.dir = cfg, data, run_dir
+        self.spec = resolve(cfg.spec)
+        self.schedule = LRSchedule(**cfg.schedule)
+        n = len(data.y_train)
+        self.steps_per_epoch = n // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is larger than the training set ({n} images)"
+            )
+        self.total_steps = (
+            max(1, math.ceil(cfg.epochs * self.steps_per_epoch)) if cfg.epochs else None
+        )
+        if self.schedule.needs_epochs() and self.total_steps is None:
+            raise ValueError("a cosine learning-rate schedule needs --epochs")
+        per = min(cfg.evals_per_epoch, self.steps_per_epoch)
+        self.eval_positions = {round(j * self.steps_per_epoch / per) for j in range(1, per + 1)}
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size)
+        self.model.to(self.device)
+        self.pre, self.opt = self.spec.build(self.model, cfg.hyperparameters, seed=cfg.seed)
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.perm: torch.Tensor | None = None
+        self.clock = _Clock()
+
+    # ------------------------------------------------------------------ files
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "log.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.dir / "checkpoint.pt"
+
+    def write_meta(self, status: str, summary: dict[str, Any] | None = None) -> None:
+        meta = {
+            "config": self.cfg.as_dict(),
+            "status": status,
+            "method_config": (
+                self.pre.config.as_dict() if self.pre is not None else None
+            ),
+            "parameters": count_parameters(self.model),
+            "steps_per_epoch": self.steps_per_epoch,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "summary": summary or {},
+        }
+        _write_json(self.dir / "meta.json", meta)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.clock.log_lines += 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "config": self.cfg.as_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "preconditioner": self.pre.state_dict() if self.pre is not None else None,
+            "data_generator": self.data_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "clock": asdict(self.clock),
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self) -> None:
+        # Our own file of state_dicts and RNG states (Python tuples), hence weights_only=False.
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{self.checkpoint_path}: unsupported checkpoint version "
+                             f"{state.get('version')!r}")
+        if state["config"] != self.cfg.as_dict():
+            raise ConfigMismatch(f"{self.checkpoint_path} was written with other settings")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.pre is not None:
+            self.pre.load_state_dict(state["preconditioner"])
+        self.data_gen.set_state(state["data_generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        random.setstate(state["python_rng"])
+        self.clock = _Clock(**state["clock"])
+        records = self.log_path.read_text().splitlines(keepends=True)[: self.clock.log_lines]
+        self.log_path.write_text("".join(records))
+
+    # ------------------------------------------------------------------ steps
+    def epoch(self) -> float:
+        return self.clock.step / self.steps_per_epoch
+
+    def lr(self) -> float:
+        return float(self.opt.param_groups[0]["lr"])
+
+    def budget_left(self) -> bool:
+        if self.total_steps is not None and self.clock.step >= self.total_steps:
+            return False
+        return not (self.cfg.minutes is not None and self.clock.time >= self.cfg.minutes * 60)
+
+    def train_step(self) -> float:
+        """One optimizer step on the next batch; returns the batch loss. Timed."""
+        start = time.perf_counter()
+        spe, bs = self.steps_per_epoch, self.cfg.batch_size
+        position = self.clock.step % spe
+        if position == 0 or self.perm is None:
+            self.perm = torch.randperm(len(self.data.y_train), generator=self.data_gen)
+        x, y = self.data.train_batch(self.perm[position * bs : (position + 1) * bs],
+                                     self.data_gen)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        factor = self.schedule.factor(self.clock.step, spe, self.total_steps)
+        for group, base in zip(self.opt.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        if self.pre is not None:
+            self.pre.step()
+        self.opt.step()
+        value = loss.item()  # synchronises with an accelerator, so the clock is honest
+        self.clock.time += time.perf_counter() - start
+        self.clock.step += 1
+        return value
+
+    def eval_record(self) -> dict[str, Any]:
+        test_loss, test_acc = evaluate(self.model, self.data, self.cfg.eval_batch_size,
+                                       self.device)
+        c = self.clock
+        train_loss = c.loss_sum / c.loss_count if c.loss_count else None
+        c.loss_sum, c.loss_count, c.last_eval_step = 0.0, 0, c.step
+        record = {
+            "kind": "eval", "step": c.step, "epoch": round(self.epoch(), 6),
+            "time": round(c.time, 6), "train_loss": train_loss,
+            "test_loss": test_loss, "test_acc": test_acc, "lr": self.lr(),
+        }
+        self.log(record)
+        return record
+
+
+def train_run(
+    cfg: RunConfig,
+    data: ImageData,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    quiet: bool = False,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train one run; return its summary (also saved in ``meta.json``).
+
+    Args:
+        resume: continue from ``checkpoint.pt`` if there is one (a finished run is not
+            re-run); without it the folder is started afresh.
+        progress: show a tqdm bar on stderr (``None``: only when stderr is a terminal).
+        quiet: no per-evaluation lines on stderr.
+        stop_after_steps: raise ``KeyboardInterrupt`` after this many steps (tests).
+
+    Returns:
+        ``{"status", "steps", "epochs", "train_time", "ms_per_iter", "test_acc",
+        "test_loss", "final_train_loss"}``; ``status`` is ``"done"`` or ``"diverged"``
+        (a non-finite training loss stops the run).
+
+    Raises:
+        ConfigMismatch: ``resume`` and the folder holds a run with other settings.
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = run_dir / "meta.json"
+    if resume and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("config") != cfg.as_dict():
+            raise ConfigMismatch(
+                f"{run_dir} holds a run with other settings; use another --out or drop --resume"
+            )
+        if meta.get("status") in ("done", "diverged"):
+            return meta["summary"]
+    run = _Run(cfg, data, run_dir)
+    label = f"{cfg.spec} seed {cfg.seed}"
+
+    def say(text: str) -> None:
+        if not quiet:
+            tqdm.write(f"[{label}] {text}", file=sys.stderr)
+
+    if resume and run.checkpoint_path.exists():
+        run.load_checkpoint()
+        say(f"resumed at epoch {run.epoch():.2f} (step {run.clock.step})")
+    else:
+        run.log_path.write_text("")
+        run.checkpoint_path.unlink(missing_ok=True)
+        run.eval_record()
+    run.write_meta("running")
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = tqdm(total=run.total_steps, initial=run.clock.step, desc=cfg.spec, unit="step",
+               file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True)
+    status = "done"
+    c = run.clock
+    try:
+        while run.budget_left():
+            loss = run.train_step()
+            bar.update(1)
+            if not math.isfinite(loss):
+                status = "diverged"
+                say(f"training loss became {loss} at step {c.step}; stopping this run")
+                break
+            c.loss_sum += loss
+            c.loss_count += 1
+            c.log_sum += loss
+            c.log_count += 1
+            if c.step % cfg.log_every == 0:
+                run.log({"kind": "train", "step": c.step, "epoch": round(run.epoch(), 6),
+                         "time": round(c.time, 6), "train_loss": c.log_sum / c.log_count,
+                         "lr": run.lr()})
+                c.log_sum, c.log_count = 0.0, 0
+            position = c.step % run.steps_per_epoch or run.steps_per_epoch
+            if position in run.eval_positions:
+                r = run.eval_record()
+                bar.set_postfix(acc=f"{100 * r['test_acc']:.2f}%", loss=f"{r['train_loss']:.3f}")
+                say(f"epoch {r['epoch']:.2f} step {r['step']} t={r['time']:.1f}s "
+                    f"train loss {r['train_loss']:.4f} test loss {r['test_loss']:.4f} "
+                    f"acc {100 * r['test_acc']:.2f}%")
+            if position == run.steps_per_epoch:
+                run.save_checkpoint()
+            if stop_after_steps is not None and c.step >= stop_after_steps:
+                raise KeyboardInterrupt(f"stopped after {c.step} steps (stop_after_steps)")
+    finally:
+        bar.close()
+    if status == "done" and c.last_eval_step != c.step:
+        run.eval_record()
+    last = [r for r in read_log(run.log_path) if r["kind"] == "eval"][-1]
+    summary = {
+        "status": status,
+        "steps": c.step,
+        "epochs": run.epoch(),
+        "train_time": c.time,
+        "ms_per_iter": 1000 * c.time / max(1, c.step),
+        "test_acc": last["test_acc"] if status == "done" else None,
+        "test_loss": last["test_loss"] if status == "done" else None,
+        "final_train_loss": last["train_loss"] if status == "done" else None,
+    }
+    run.write_meta(status, summary)
+    return summary
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

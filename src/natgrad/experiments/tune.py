@@ -1,0 +1,135 @@
+"""``natgrad tune``: the papers' grid search — learning rate × damping × weight decay, a few
+epochs per point, the best point by training loss (``001_…`` §4.2) — written as a settings
+JSON that ``natgrad bench --settings`` reads.
+
+Settings file::
+
+    {"source": "natgrad tune", "dataset": ..., "model": ..., "epochs": ...,
+     "criterion": "...",
+     "settings": {"<spec>": {"lr": ..., "weight_decay": ..., "damping": ...}, ...},
+     "results": [{"spec": ..., "hyperparameters": {...}, "train_loss": ..., ...}, ...]}
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .bench import BenchPlan
+from .data import load
+from .methods import MethodSpec
+from .train import train_run
+
+__all__ = ["grid_points", "run_tune", "read_settings", "LR_MULTIPLIERS", "DEFAULT_DAMPINGS",
+           "DEFAULT_WEIGHT_DECAYS", "CRITERION"]
+
+#: Default learning-rate grid: each method's default lr times these.
+LR_MULTIPLIERS = (1 / 3, 1.0, 3.0)
+#: Default damping grid (``001_…``'s).
+DEFAULT_DAMPINGS = (0.03, 0.003, 0.001)
+#: Default weight-decay grid.
+DEFAULT_WEIGHT_DECAYS = (0.0, 5e-4)
+CRITERION = "mean training loss over the last epoch of the tuning run (lower is better)"
+
+
+def grid_points(
+    method: MethodSpec,
+    base: dict[str, Any],
+    lrs: Sequence[float] | None = None,
+    dampings: Sequence[float] | None = None,
+    weight_decays: Sequence[float] | None = None,
+) -> list[dict[str, Any]]:
+    """Hyperparameter dicts of the grid for one method (``base`` updated per point).
+
+    ``lrs=None`` → ``base["lr"]`` × :data:`LR_MULTIPLIERS`; damping is searched only for
+    methods that have a ``damping`` field.
+    """
+    lrs = lrs or [round(base["lr"] * m, 12) for m in LR_MULTIPLIERS]
+    has_damping = "damping" in method.fields()
+    dampings = (dampings or DEFAULT_DAMPINGS) if has_damping else [None]
+    weight_decays = DEFAULT_WEIGHT_DECAYS if weight_decays is None else weight_decays
+    points = []
+    for lr, damping, wd in itertools.product(lrs, dampings, weight_decays):
+        hp = dict(base, lr=float(lr), weight_decay=float(wd))
+        if damping is not None:
+            hp["damping"] = float(damping)
+        points.append(hp)
+    return points
+
+
+def _label(hp: dict[str, Any]) -> str:
+    keys = [k for k in ("lr", "damping", "weight_decay") if k in hp]
+    return ",".join(f"{k}={hp[k]:g}" for k in keys)
+
+
+def run_tune(
+    plan: BenchPlan,
+    grids: dict[str, list[dict[str, Any]]],
+    out: str | os.PathLike,
+    settings_path: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train every grid point of every method (seed ``plan.seeds[0]``) into
+    ``out/tune/<spec>/<point>/``; write and return the settings JSON."""
+    out = Path(out)
+    data = load(plan.dataset, plan.data_dir, plan.augment)
+    seed = plan.seeds[0]
+    results: list[dict[str, Any]] = []
+    best: dict[str, dict[str, Any]] = {}
+    total = sum(len(points) for points in grids.values())
+    count = 0
+    for method in plan.methods:
+        best_loss = math.inf
+        for hp in grids[method.name]:
+            count += 1
+            if not quiet:
+                print(f"== tune {count}/{total}: {method.name} {_label(hp)}", file=sys.stderr)
+            plan.hyperparameters[method.name] = hp
+            summary = train_run(plan.run_config(method.name, seed), data,
+                                out / "tune" / method.name / _label(hp),
+                                resume=resume, progress=progress, quiet=True)
+            loss = summary.get("final_train_loss")
+            loss = math.inf if loss is None or not math.isfinite(loss) else float(loss)
+            results.append({"spec": method.name, "hyperparameters": hp, "train_loss": loss,
+                            "test_acc": summary.get("test_acc"), "status": summary["status"]})
+            if loss < best_loss:
+                best_loss, best[method.name] = loss, hp
+        if method.name not in best:  # every point diverged: keep the first for the record
+            best[method.name] = grids[method.name][0]
+    settings = {
+        "source": "natgrad tune", "dataset": plan.dataset, "model": plan.model,
+        "epochs": plan.epochs, "minutes": plan.minutes, "batch_size": plan.batch_size,
+        "seed": seed, "criterion": CRITERION, "settings": best,
+        "results": [dict(r, train_loss=None if math.isinf(r["train_loss"]) else
+                         r["train_loss"]) for r in results],
+    }
+    Path(settings_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(settings_path).write_text(json.dumps(settings, indent=2) + "\n")
+    return settings
+
+
+def read_settings(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The ``settings`` mapping of a tune JSON (spec → hyperparameters).
+
+    Raises:
+        ValueError: the file is not a settings JSON, naming the path.
+    """
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--settings file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--settings file {path} is not JSON: {e}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("settings"), dict):
+        raise ValueError(f"--settings file {path} has no 'settings' object "
+                         "(write one with `natgrad tune`)")
+    return obj["settings"]

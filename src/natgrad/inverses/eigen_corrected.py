@@ -1,0 +1,91 @@
+"""Eigenvalue correction: a Kronecker eigenbasis with a re-scaling diagonal fitted to the
+per-sample gradients in that basis (MATH.md, EKFAC; TEKFAC).
+
+George et al. 2018 (EKFAC, ``001_…``) with the Kronecker basis ``Q_A ⊗ Q_G`` of K-FAC's
+factors; Gao et al. (TEKFAC, ``004_…`` eqs. 3.2–3.3, 3.9) with the basis ``Q_Φ ⊗ Q_Ψ`` of
+TKFAC's factors. Which basis is decided only by the curvature this strategy is given.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..capture import LayerStats
+from ..config import check_positive_int
+from ..curvature import Curvature
+from ..curvature.base import check_finite
+from ..linalg import eigen_precondition, running_average, symmetric_eigh
+from ..persample import basis_second_moment
+from .base import InverseStrategy
+
+__all__ = ["EigenCorrectedInverse"]
+
+
+class EigenCorrectedInverse(InverseStrategy):
+    """``Δ = Q_G [ (Q_Gᵀ ∇W̄ Q_A) ⊘ (S + λ) ] Q_Aᵀ`` — damping on the re-scaling ``S``.
+
+    * :meth:`refresh` (every ``T_inv``): eigenbases ``Q_A``, ``Q_G`` of ``curvature.factors()``
+      (K-FAC's ``A``, ``G`` for EKFAC; ``sqrt(δ)Φ``, ``sqrt(δ)Ψ`` for TEKFAC). A running
+      average across bases is meaningless, so ``S`` restarts: it is set to the factors'
+      own eigenvalues ``γ αᵀ`` (so the strategy is usable at once, as K-FAC's eigen form)
+      and the next observed batch *replaces* it.
+    * :meth:`observe` (every ``observe_every = T_s`` steps, and right after a refresh):
+      ``S ← ε S + (1−ε) S_batch`` with ``S_batch = (1/M) Σ_i (Q_Gᵀ ∇W̄_i Q_A)^{⊙2}``
+      (:func:`~natgrad.persample.basis_second_moment`); the first batch in a new basis is
+      taken as is.
+    * :meth:`apply`: the formula above, with the damping ``λ`` of the call.
+
+    Args:
+        observe_every: ``T_s``, steps between re-scaling updates (>= 1).
+
+    Attributes:
+        Q_A: ``(d_in', d_in')`` input-side eigenbasis; ``Q_G``: ``(d_out, d_out)``.
+        S: ``(d_out, d_in')`` re-scaling (``S`` of EKFAC, ``Θ`` of TEKFAC).
+        fresh_basis: ``S`` still holds the eigenvalue initialisation of a new basis.
+    """
+
+    _state_keys = ("Q_A", "Q_G", "S", "fresh_basis")
+
+    def __init__(self, *args, observe_every: int = 10, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        check_positive_int("observe_every", observe_every)
+        self.observe_every = observe_every
+        self.Q_A: Tensor | None = None
+        self.Q_G: Tensor | None = None
+        self.S: Tensor | None = None
+        self.fresh_basis = False
+
+    @property
+    def ready(self) -> bool:
+        return self.Q_A is not None
+
+    def refresh(self, curvature: Curvature, damping: float) -> None:
+        A, G = curvature.factors()
+        alpha, Q_A = symmetric_eigh(A)
+        gamma, Q_G = symmetric_eigh(G)
+        self.Q_A, self.Q_G, self.S = Q_A, Q_G, gamma.outer(alpha)
+        self.fresh_basis = True
+
+    def observe(self, stats: LayerStats, decay: float) -> None:
+        stats = stats.to(self.dtype)
+        S_batch = basis_second_moment(stats.a, stats.g, self.Q_A, self.Q_G)
+        check_finite(S_batch)
+        self.S = running_average(None if self.fresh_basis else self.S, S_batch, decay)
+        self.fresh_basis = False
+
+    def observed_keys(self) -> tuple[str, ...]:
+        """Under data parallelism only ``S`` is averaged after :meth:`observe` (the basis is
+        the owner's, already the same on every worker; docs/distributed.md)."""
+        return ("S",)
+
+    def scale(self, damping: float) -> Tensor:
+        """The diagonal ``S + λ`` (``(d_out, d_in')``) that :meth:`apply` divides by."""
+        return self.S + damping
+
+    def trace(self) -> float:
+        """``tr S``: the trace of the approximate block ``(Q_A⊗Q_G) diag(S) (Q_A⊗Q_G)ᵀ``."""
+        return torch.sum(self.S).item()
+
+    def apply(self, grad: Tensor, damping: float) -> Tensor:
+        return eigen_precondition(self.Q_G, grad, self.Q_A, self.scale(damping))

@@ -1,0 +1,61 @@
+"""TEKFAC (``004_…``): the eigenvalue correction of EKFAC in TKFAC's eigenbasis, with
+TKFAC's trace-based damping (MATH.md, TKFAC and TEKFAC)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import check_positive_int
+from ..curvature import TraceRestrictedFactors
+from ..damping import TraceAdaptiveDamping, TraceDampingConfig
+from ..inverses import EigenCorrectedInverse
+from ..preconditioner import Preconditioner
+from .ekfac import RescalingSchedule
+
+__all__ = ["TEKFAC", "TEKFACConfig"]
+
+
+@dataclass(kw_only=True)
+class TEKFACConfig(TraceDampingConfig):
+    """TEKFAC's hyperparameters (see :class:`~natgrad.damping.TraceDampingConfig`).
+
+    ``trace_floor = 0.01`` (``ϑ``) is ``004_…``'s best value; the schedules and damping
+    follow EKFAC's (``001_…``). ``004_…`` keeps separate decays for ``Θ`` (``β₁``) and
+    the factors (``β₂``); here both use ``decay``.
+
+    Attributes:
+        T_s: steps between updates of the re-scaling ``Θ`` (>= 1).
+    """
+
+    damping: float = 1e-3
+    kl_clip: float | None = 1e-2
+    T_s: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("T_s", self.T_s)
+
+
+class TEKFAC(TraceAdaptiveDamping, RescalingSchedule, Preconditioner):
+    """TEKFAC for ``nn.Linear`` and ``nn.Conv2d``:
+    ``Δ = Q_Ψ [ (Q_Ψᵀ ∇W̄ Q_Φ) ⊘ (Θ + λ_l) ] Q_Φᵀ`` (``004_…`` eq. 3.9).
+
+    ``Q_Φ``, ``Q_Ψ`` are the eigenbases of TKFAC's running ``Φ``, ``Ψ`` (every ``T_inv``
+    steps); ``Θ = E[(Q_Ψᵀ ∇W̄_i Q_Φ)^{⊙2}]`` (every ``T_s`` steps, restarted in a new
+    basis, initialised to TKFAC's own eigenvalues ``δ·ψ φᵀ``). Damping:
+    :class:`~natgrad.damping.TraceAdaptiveDamping` with ``tr F̂_l = tr Θ_l``.
+    """
+
+    config_class = TEKFACConfig
+
+    def make_curvature(self, shape, dtype, device) -> TraceRestrictedFactors:
+        return TraceRestrictedFactors(shape, dtype, device)
+
+    def make_inverse(self, shape, dtype, device) -> EigenCorrectedInverse:
+        return EigenCorrectedInverse(dtype, device, observe_every=self.config.T_s)
+
+    def block_trace(self, name: str) -> float | None:
+        layer = self.layers[name]
+        if layer.inverse.ready:
+            return layer.inverse.trace()
+        return layer.curvature.trace() if layer.curvature.initialized else None

@@ -1,0 +1,161 @@
+"""Every method × every update rule, by name: builds, steps, equals the method in front of
+the plain torch optimizer, keeps the factors()/state_dict() contract; and the paper
+defaults of METHODS[name](model)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import unvec, vec
+from torch import nn
+
+import natgrad
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+RULES = {
+    "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+    "nag": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True),
+    "adam": lambda p, lr: torch.optim.Adam(p, lr=lr, betas=(0.9, 0.999), eps=1e-8),
+    "radam": lambda p, lr: torch.optim.RAdam(p, lr=lr, betas=(0.9, 0.999), eps=1e-8),
+}
+FAST = dict(T_cov=1, T_inv=2)  # every code path within a few steps
+
+
+def tiny_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)
+    )
+
+
+def batches(n, m=8):
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(m, 2, 8, 8, generator=g), torch.randint(0, 4, (m,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def train(model, pre, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if pre is not None:
+            pre.step()
+        opt.step()
+
+
+def test_the_registry_lists_every_method_of_this_issue():
+    assert {"kfac", "ekfac", "tkfac", "tekfac"} <= set(natgrad.METHODS)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "tkfac", "tekfac"])
+def test_build_equals_the_method_in_front_of_the_torch_optimizer(method, rule):
+    model, twin = tiny_cnn(), tiny_cnn()
+    data = batches(4)
+    lr = 0.05
+    pre, opt = natgrad.build(f"{method}+{rule}", model, lr=lr, **FAST)
+    assert type(pre) is natgrad.METHODS[method]
+    assert type(opt) is type(RULES[rule]([torch.zeros(1)], lr))
+    opt_twin = RULES[rule](twin.parameters(), lr)
+    pre_twin = natgrad.METHODS[method](twin, opt_twin, **FAST)
+    before = [p.clone() for p in model.parameters()]
+    train(model, pre, opt, data)
+    train(twin, pre_twin, opt_twin, data)
+    for p, q, b in zip(model.parameters(), twin.parameters(), before):
+        assert torch.isfinite(p).all() and not torch.equal(p, b)
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert set(pre.factors()) == set(pre.layers)  # the core's factors() contract
+
+
+@pytest.mark.parametrize("rule", ["nag", "adam", "radam"])
+def test_ekfac_update_rules_step_with_the_dense_ekfac_direction(rule):
+    """EKFAC-NAG/-Adam/-RAdam (``001_…``): the optimizer receives exactly
+    ``(Q_A⊗Q_G) diag(S+λ)⁻¹ (Q_A⊗Q_G)ᵀ vec(∇W̄)`` as its gradient."""
+    model = tiny_cnn()
+    twin = copy.deepcopy(model)
+    (x, y), lr, damping = batches(1)[0], 0.01, 3e-3
+    pre, opt = natgrad.build(f"ekfac+{rule}", model, lr=lr, damping=damping, kl_clip=None)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = pre.grad_matrices()
+    pre.step()
+    opt.step()
+    # the reference: dense EKFAC direction written into .grad, then the plain optimizer
+    F.cross_entropy(twin(x), y).backward()
+    for name, layer in pre.layers.items():
+        inv = layer.inverse
+        K = torch.kron(inv.Q_A, inv.Q_G)
+        delta = unvec(K @ (K.T @ vec(grads[name]) / (vec(inv.S) + damping)), grads[name].shape)
+        module = dict(twin.named_modules())[name]
+        d_w = module.weight[0].numel()
+        module.weight.grad.copy_(delta[:, :d_w].reshape(module.weight.shape))
+        module.bias.grad.copy_(delta[:, d_w])
+    RULES[rule](twin.parameters(), lr).step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "tkfac", "tekfac"])
+def test_state_round_trip_resumes_identically(method):
+    model = tiny_cnn()
+    data = batches(7)
+    pre, opt = natgrad.build(f"{method}+sgd", model, lr=0.05, T_cov=1, T_inv=3)
+    train(model, pre, opt, data[:4])
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    saved = copy.deepcopy(pre.state_dict())
+    train(model, pre, opt, data[4:])
+
+    clone = tiny_cnn()
+    clone.load_state_dict(saved_model)
+    pre2, opt2 = natgrad.build(f"{method}+sgd", clone, lr=0.05)
+    opt2.load_state_dict(saved_opt)
+    pre2.load_state_dict(saved)  # config (T_cov, T_inv) comes back with the state
+    train(clone, pre2, opt2, data[4:])
+    for p, q in zip(model.parameters(), clone.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="state was saved by"):
+        other = "EKFAC" if method != "ekfac" else "KFAC"
+        natgrad.METHODS[other.lower()](tiny_cnn()).load_state_dict(saved)
+
+
+def test_paper_defaults():
+    model = tiny_cnn()
+    ekfac = natgrad.METHODS["ekfac"](model).config
+    assert (ekfac.damping, ekfac.decay, ekfac.T_cov, ekfac.T_inv, ekfac.T_s, ekfac.kl_clip) == (
+        1e-3, 0.95, 10, 100, 10, 1e-2
+    )
+    for name in ("tkfac", "tekfac"):
+        config = natgrad.METHODS[name](model).config
+        assert config.trace_floor == 0.01 and config.adaptive_damping
+    with pytest.raises(ValueError, match="trace_floor must be a finite number > 0, got -1"):
+        natgrad.TKFAC(model, trace_floor=-1)
+    with pytest.raises(ValueError, match="adaptive_damping must be True or False, got 'yes'"):
+        natgrad.TEKFAC(model, adaptive_damping="yes")
+
+
+def test_methods_train_on_digits():
+    from natgrad.experiments.data import digits
+
+    train_set, _ = digits()
+    x, y = train_set.tensors
+    x = x.reshape(len(x), -1).to(torch.float64)
+    for method in ("ekfac", "tkfac", "tekfac"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(x.shape[1], 32), nn.ReLU(), nn.Linear(32, 10))
+        pre, opt = natgrad.build(f"{method}+sgd", model, lr=0.02, damping=1e-2)
+        with torch.no_grad():
+            before = F.cross_entropy(model(x), y).item()
+        g = torch.Generator().manual_seed(0)
+        for _ in range(40):
+            idx = torch.randint(0, len(y), (64,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            pre.step()
+            opt.step()
+        with torch.no_grad():
+            after = F.cross_entropy(model(x), y).item()
+        assert after < 0.5 * before, (method, before, after)

@@ -1,0 +1,423 @@
+"""SKFAC (``003_…``): Woodbury application, Reduce-Sum / Spatial-Subsampling rows and the
+running batch matrices, against dense references in float64."""
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import patches_by_loops, per_sample_output_grads, unvec, vec
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import natgrad
+from natgrad.curvature import BatchMatrices, KroneckerFactors, NonFiniteStatistics
+from natgrad.curvature.batch_matrices import (
+    batch_matrices,
+    blend_rows,
+    reduce_sum_rows,
+    sample_positions,
+    subsample_rows,
+)
+from natgrad.inverses import FactoredInverse, WoodburyInverse
+from natgrad.inverses.woodbury import (
+    woodbury_cholesky,
+    woodbury_explicit,
+    woodbury_left,
+    woodbury_right,
+)
+from natgrad.linalg import DecompositionError, input_factor, output_factor
+
+pytestmark = pytest.mark.usefixtures("float64")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small matrices: one thread is faster, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def dense_damped_inverse(Y, damping):
+    """``(λI + YᵀY/m)⁻¹`` the slow, obvious way."""
+    n = Y.shape[1]
+    return torch.linalg.inv(damping * torch.eye(n) + Y.T @ Y / Y.shape[0])
+
+
+class ShapeRecorder(TorchFunctionMode):
+    """Records the shape of every tensor a torch function returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def curvature_from(Y_A, Y_G):
+    curv = BatchMatrices((Y_G.shape[1], Y_A.shape[1]), torch.float64, CPU)
+    curv.Y_A, curv.Y_G = Y_A, Y_G
+    return curv
+
+
+# ---------------------------------------------------------------- Woodbury application
+@pytest.mark.parametrize("m,n", [(5, 12), (3, 40), (12, 12), (20, 7)])
+def test_woodbury_left_and_right_equal_the_dense_inverse(m, n):
+    torch.manual_seed(m * n)
+    Y, damping = torch.randn(m, n), 0.07
+    X_inv = dense_damped_inverse(Y, damping)
+    L = woodbury_cholesky(Y, damping)
+    V_left, V_right = torch.randn(n, 4), torch.randn(3, n)
+    torch.testing.assert_close(
+        woodbury_left(Y, L, damping, V_left), X_inv @ V_left, rtol=1e-9, atol=1e-11
+    )
+    torch.testing.assert_close(
+        woodbury_right(V_right, Y, L, damping), V_right @ X_inv, rtol=1e-9, atol=1e-11
+    )
+    if m < n:
+        torch.testing.assert_close(woodbury_explicit(Y, L, damping), X_inv, rtol=1e-9, atol=1e-11)
+
+
+# d_out=6, d_in'=15: Woodbury on both (m=2), Woodbury / explicit from the m×m Cholesky
+# (m=4), explicit / direct (m=9), direct on both (m=30)
+@pytest.mark.parametrize("m", [2, 4, 9, 30])
+def test_woodbury_inverse_applies_the_damped_kronecker_inverse(m):
+    torch.manual_seed(m)
+    d_out, d_in, damping = 6, 15, 0.03
+    Y_A, Y_G = torch.randn(m, d_in), torch.randn(m, d_out)
+    inv = WoodburyInverse(torch.float64, CPU)
+    inv.refresh(curvature_from(Y_A, Y_G), damping)
+    assert (inv.inv_A is None) == (2 * m < d_in) and (inv.inv_G is None) == (2 * m < d_out)
+    V = torch.randn(d_out, d_in)
+    A = Y_A.T @ Y_A / m + damping * torch.eye(d_in)
+    G = Y_G.T @ Y_G / m + damping * torch.eye(d_out)
+    ref = unvec(torch.linalg.solve(torch.kron(A, G), vec(V)), V.shape)
+    torch.testing.assert_close(inv.apply(V, damping), ref, rtol=1e-9, atol=1e-11)
+    # the damping is that of the refresh, whatever apply is passed
+    torch.testing.assert_close(inv.apply(V, 123.0), ref, rtol=1e-9, atol=1e-11)
+
+
+def test_woodbury_path_never_forms_an_n_by_n_matrix():
+    torch.manual_seed(0)
+    m, d_out, d_in = 8, 50, 300
+    curv = curvature_from(torch.randn(m, d_in), torch.randn(m, d_out))
+    inv = WoodburyInverse(torch.float64, CPU)
+    with ShapeRecorder() as rec:
+        inv.refresh(curv, 1e-2)
+        inv.apply(torch.randn(d_out, d_in), 1e-2)
+    assert (d_in, d_in) not in rec.shapes and (d_out, d_out) not in rec.shapes
+    assert (m, m) in rec.shapes  # the kernel K and its Cholesky factor
+
+
+def test_failed_woodbury_refresh_leaves_the_inverse_untouched():
+    torch.manual_seed(0)
+    inv = WoodburyInverse(torch.float64, CPU)
+    inv.refresh(curvature_from(torch.randn(3, 10), torch.randn(3, 5)), 0.1)
+    before = inv.state_dict()
+    bad = torch.randn(3, 10)
+    bad[0, 0] = float("nan")
+    with pytest.raises(DecompositionError, match="Woodbury kernel"):
+        inv.refresh(curvature_from(bad, torch.randn(3, 5)), 0.1)
+    for key, value in inv.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, before[key])
+        else:
+            assert value == before[key]
+    with pytest.raises(TypeError, match="needs a BatchMatrices curvature"):
+        inv.refresh(KroneckerFactors((5, 10), torch.float64, CPU), 0.1)
+
+
+# ---------------------------------------------------------------- rows: RS, SS, Linear
+def conv_rows(stride=1, padding=1, bias=True, m=3):
+    torch.manual_seed(7)
+    conv = nn.Conv2d(2, 3, 3, stride=stride, padding=padding, bias=bias)
+    x = torch.randn(m, 2, 5, 5)
+    a = patches_by_loops(x, conv)  # (M, |T|, d_in')
+    g = torch.randn(m, a.shape[1], 3)
+    return a, g
+
+
+@pytest.mark.parametrize("stride,padding,bias", [(1, 1, True), (2, 0, False), (1, 0, True)])
+def test_reduce_sum_factors_equal_their_formula(stride, padding, bias):
+    a, g = conv_rows(stride, padding, bias)
+    M, P = a.shape[:2]
+    curv = BatchMatrices((3, a.shape[2]), torch.float64, CPU, reduction="reduce_sum")
+    curv.update(natgrad.LayerStats(a, g), 0.0)
+    A_ref = sum(torch.outer(a[i].sum(0), a[i].sum(0)) for i in range(M)) / (M * P)
+    G_ref = sum(torch.outer(g[i].sum(0), g[i].sum(0)) for i in range(M)) / (M * P * P)
+    A, G = curv.factors()
+    assert curv.rows == M
+    torch.testing.assert_close(A, A_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("s", [1, 2, 5])
+def test_subsampling_factors_equal_their_formula_for_a_fixed_generator(s):
+    a, g = conv_rows()
+    M, P = a.shape[:2]
+    curv = BatchMatrices(
+        (3, a.shape[2]), torch.float64, CPU, reduction="subsample", samples=s, seed=5
+    )
+    curv.update(natgrad.LayerStats(a, g), 0.0)
+    index = sample_positions(M, P, s, torch.Generator().manual_seed(5))
+    assert index.shape == (M, s) and all(len(set(row.tolist())) == s for row in index)
+    # rows sqrt(|T|)·ā_{i,t}, m = M·s: (|T|/(M·s)) Σ_i Σ_{t∈T'_i} ā āᵀ; G rows are plain g
+    A_ref = sum(torch.outer(a[i, t], a[i, t]) for i in range(M) for t in index[i]) * P / (M * s)
+    G_ref = sum(torch.outer(g[i, t], g[i, t]) for i in range(M) for t in index[i]) / (M * s)
+    A, G = curv.factors()
+    assert curv.rows == M * s
+    torch.testing.assert_close(A, A_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_subsampling_is_unbiased_and_exact_with_every_position():
+    a, g = conv_rows(stride=2, padding=0)  # |T| = 4
+    M, P = a.shape[:2]
+    A_kfac, G_kfac = input_factor(a), output_factor(g)
+    # exactly, for s' >= |T| (eqs. 18–19 keep every position)
+    for s in (P, P + 3):
+        Y_A, Y_G = batch_matrices(natgrad.LayerStats(a, g), "subsample", s, torch.Generator())
+        torch.testing.assert_close(Y_A.T @ Y_A / Y_A.shape[0], A_kfac, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(Y_G.T @ Y_G / Y_G.shape[0], G_kfac, rtol=1e-12, atol=1e-12)
+    # in expectation: the mean over every 2-subset of positions is K-FAC's A and G
+    subsets = list(itertools.combinations(range(P), 2))
+    A_mean, G_mean = torch.zeros_like(A_kfac), torch.zeros_like(G_kfac)
+    for subset in subsets:
+        index = torch.tensor(subset).expand(M, 2)
+        Y_A, Y_G = subsample_rows(a, index), subsample_rows(g / math.sqrt(P), index)
+        A_mean += Y_A.T @ Y_A / Y_A.shape[0] / len(subsets)
+        G_mean += Y_G.T @ Y_G / Y_G.shape[0] / len(subsets)
+    torch.testing.assert_close(A_mean, A_kfac, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(G_mean, G_kfac, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_rows_are_the_plain_rows_and_factors_are_kfacs():
+    torch.manual_seed(1)
+    a, g = torch.randn(6, 1, 4), torch.randn(6, 1, 3)
+    for reduction in ("reduce_sum", "subsample"):
+        curv = BatchMatrices((3, 4), torch.float64, CPU, reduction=reduction, samples=3)
+        curv.update(natgrad.LayerStats(a, g), 0.0)
+        torch.testing.assert_close(curv.Y_A, a[:, 0], rtol=0, atol=0)
+        torch.testing.assert_close(curv.Y_G, g[:, 0], rtol=0, atol=0)
+    ref = KroneckerFactors((3, 4), torch.float64, CPU)
+    ref.update(natgrad.LayerStats(a, g), 0.0)
+    for mine, theirs in zip(curv.factors(), ref.factors()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reduce_sum_rows(a), a[:, 0])
+
+
+def test_model_rows_match_hand_computed_patches_and_per_sample_grads():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4)
+    )
+    x, y = torch.randn(5, 2, 8, 8), torch.randint(0, 4, (5,))
+    pre = natgrad.SKFAC(model, kl_clip=None)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    a = patches_by_loops(x, model[0])
+    g = per_sample_output_grads(model, model[0], x, y)
+    P = a.shape[1]
+    curv = pre.layers["0"].curvature
+    torch.testing.assert_close(curv.Y_A, a.sum(1) / math.sqrt(P), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(curv.Y_G, g.sum(1) / P, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- running average
+def test_running_rows_blend_and_batches_of_another_size():
+    torch.manual_seed(2)
+    old, new = torch.randn(5, 3), torch.randn(5, 3)
+    torch.testing.assert_close(blend_rows(old, new, 0.9), 0.9 * old + 0.1 * new)
+    torch.testing.assert_close(blend_rows(None, new, 0.9), new)
+    short = torch.randn(2, 3)  # e.g. the last batch of an epoch
+    out = blend_rows(old, short, 0.9)
+    torch.testing.assert_close(out[:2], 0.9 * old[:2] + 0.1 * short)
+    torch.testing.assert_close(out[2:], old[2:])  # rows it has no partner for: kept
+    long = torch.randn(7, 3)
+    out = blend_rows(old, long, 0.9)
+    torch.testing.assert_close(out[:5], 0.9 * old + 0.1 * long[:5])
+    torch.testing.assert_close(out[5:], long[5:])  # new rows: taken as a first batch
+    assert old.shape == (5, 3)  # inputs untouched
+
+
+def test_curvature_update_is_a_running_average_of_rows():
+    torch.manual_seed(4)
+    curv = BatchMatrices((2, 3), torch.float64, CPU)
+    batches = [(torch.randn(4, 1, 3), torch.randn(4, 1, 2)) for _ in range(3)]
+    Y_A = None
+    for i, (a, g) in enumerate(batches):
+        curv.update(natgrad.LayerStats(a, g), 0.0 if i == 0 else 0.8)
+        Y_A = a[:, 0] if Y_A is None else 0.8 * Y_A + 0.2 * a[:, 0]
+    torch.testing.assert_close(curv.Y_A, Y_A)
+
+
+def test_non_finite_batch_leaves_rows_and_generator_untouched():
+    a, g = conv_rows()
+    curv = BatchMatrices((3, a.shape[2]), torch.float64, CPU, reduction="subsample", samples=2)
+    curv.update(natgrad.LayerStats(a, g), 0.0)
+    before = curv.state_dict()
+    g_bad = g.clone()
+    g_bad[0, :, 0] = float("inf")  # every position, so the drawn ones see it
+    with pytest.raises(NonFiniteStatistics):
+        curv.update(natgrad.LayerStats(a, g_bad), 0.5)
+    after = curv.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+# ---------------------------------------------------------------- the method
+def tiny_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
+    )
+
+
+def digit_batches(n, size=32, seed=1):
+    from natgrad.experiments.data import digits
+
+    x, y = digits()[0].tensors
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, len(y), (size,), generator=gen)
+        out.append((x[idx].double(), y[idx]))
+    return out
+
+
+def train(model, pre, opt, data):
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        pre.step()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("kw", [{}, {"reduction": "subsample", "spatial_samples": 2}])
+def test_skfac_step_equals_the_dense_damped_kronecker_solve(kw):
+    model = tiny_cnn()
+    (x, y), damping = digit_batches(1, size=12)[0], 0.05
+    pre = natgrad.SKFAC(model, damping=damping, kl_clip=None, **kw)
+    F.cross_entropy(model(x), y).backward()
+    grads = pre.grad_matrices()
+    pre.step()
+    for name, (A, G) in pre.factors().items():
+        A_d, G_d = A + damping * torch.eye(A.shape[0]), G + damping * torch.eye(G.shape[0])
+        ref = unvec(torch.linalg.solve(torch.kron(A_d, G_d), vec(grads[name])), grads[name].shape)
+        torch.testing.assert_close(pre.grad_matrices()[name], ref, rtol=1e-8, atol=1e-11)
+
+
+def test_registry_defaults_train_and_resume_bit_identically():
+    model = tiny_cnn()
+    pre = natgrad.METHODS["skfac"](model)
+    c = pre.config
+    assert isinstance(pre, natgrad.SKFAC)
+    assert (c.damping, c.T_cov, c.T_inv, c.reduction, c.spatial_samples) == (
+        1e-3,
+        20,
+        200,
+        "reduce_sum",
+        1,
+    )
+
+    data = digit_batches(12)
+    kw = dict(lr=0.05, T_cov=2, T_inv=5, damping=0.1, reduction="subsample", spatial_samples=3)
+    model = tiny_cnn()
+    pre, opt = natgrad.build("skfac+sgd", model, **kw)
+    losses = train(model, pre, opt, data)
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) < sum(losses[:3])  # it learns
+    reference = [p.detach().clone() for p in model.parameters()]
+
+    model = tiny_cnn()
+    pre, opt = natgrad.build("skfac+sgd", model, **kw)
+    train(model, pre, opt, data[:7])  # mid T_cov and T_inv cycles
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), pre.state_dict()))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
+    )
+    pre, opt = natgrad.build("skfac+sgd", model, lr=0.05, seed=99)
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    pre.load_state_dict(saved[2])  # config, rows, Cholesky factors and the SS generator
+    train(model, pre, opt, data[7:])
+    for p, ref in zip(model.parameters(), reference):
+        assert torch.equal(p, ref)
+
+
+def test_short_last_batch_keeps_training():
+    model = tiny_cnn()
+    pre, opt = natgrad.build("skfac+sgd", model, lr=0.05, T_cov=1, T_inv=1, damping=0.1)
+    data = (
+        digit_batches(3, size=16)
+        + digit_batches(1, size=5, seed=9)
+        + digit_batches(1, size=16, seed=3)
+    )
+    losses = train(model, pre, opt, data)
+    assert all(math.isfinite(v) for v in losses)
+    assert pre.layers["3"].curvature.rows == 16
+
+
+def test_bad_arguments_name_the_argument():
+    model = tiny_cnn()
+    with pytest.raises(ValueError, match="spatial_samples must be an integer >= 1, got 0"):
+        natgrad.SKFAC(model, spatial_samples=0)
+    with pytest.raises(ValueError, match="reduction must be one of .* got 'mean'"):
+        natgrad.SKFAC(model, reduction="mean")
+    with pytest.raises(ValueError, match=r"samples \(s'\) must be an integer >= 1, got -2"):
+        BatchMatrices((2, 3), torch.float64, CPU, samples=-2)
+    pre = natgrad.SKFAC(model)
+    with pytest.raises(ValueError, match="spatial_samples must be an integer >= 1, got 1.5"):
+        pre.configure(spatial_samples=1.5)
+    pre.configure(reduction="subsample", spatial_samples=4)
+    assert all(layer.curvature.samples == 4 for layer in pre.layers.values())
+
+
+def test_factored_inverse_is_not_what_skfac_applies():
+    """SKFAC's damping is λ on each factor, not K-FAC's factored split (MATH.md)."""
+    torch.manual_seed(0)
+    Y_A, Y_G = torch.randn(3, 6), torch.randn(3, 4)
+    curv = curvature_from(Y_A, Y_G)
+    wood, fact = WoodburyInverse(torch.float64, CPU), FactoredInverse(torch.float64, CPU)
+    wood.refresh(curv, 0.01)
+    fact.refresh(curv, 0.01)
+    V = torch.randn(4, 6)
+    assert not torch.allclose(wood.apply(V, 0.01), fact.apply(V, 0.01))
+
+
+def test_float32_layers_keep_the_woodbury_kernel_in_float64():
+    """``K = mλI + YYᵀ`` with a small ``λ`` is too ill-conditioned for float32 Cholesky; it
+    is formed and factored in float64, and a state round trip keeps it so."""
+    torch.manual_seed(0)
+    Y_A = (torch.rand(16, 3) @ torch.rand(3, 60) * 30).float()  # rank 3: K is near-singular
+    Y_G = torch.randn(16, 40).float()
+    K32 = Y_A @ Y_A.T + 16e-6 * torch.eye(16)
+    assert torch.linalg.cholesky_ex(K32).info.item() != 0  # float32 cannot factor it
+    curv = BatchMatrices((40, 60), torch.float32, CPU)
+    curv.Y_A, curv.Y_G = Y_A, Y_G
+    inv = WoodburyInverse(torch.float32, CPU)
+    inv.refresh(curv, 1e-6)
+    assert inv.chol_A.dtype == torch.float64 and inv.Y_A.dtype == torch.float32
+    V = torch.randn(40, 60).float()
+    out = inv.apply(V, 1e-6)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    twin = WoodburyInverse(torch.float32, CPU)
+    twin.load_state_dict(copy.deepcopy(inv.state_dict()))
+    assert twin.chol_A.dtype == torch.float64
+    assert torch.equal(twin.apply(V, 1e-6), out)
+    with pytest.raises(KeyError, match=r"missing \['chol_A'\]"):
+        twin.load_state_dict({k: v for k, v in inv.state_dict().items() if k != "chol_A"})
+    assert torch.equal(twin.apply(V, 1e-6), out)  # a failed load changes nothing

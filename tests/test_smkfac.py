@@ -1,0 +1,277 @@
+"""Sherman–Morrison K-FAC (``000_…``): rank-one inverse updates, the switch to diagonal
+accumulation and the method end to end, against dense references in float64."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import natgrad
+from natgrad.curvature import DiagonalSwitchFactors, KroneckerFactors
+from natgrad.curvature.diagonal_switch import input_diagonal, output_diagonal
+from natgrad.inverses import ShermanMorrisonInverse
+from natgrad.inverses.sherman_morrison import sherman_morrison_update
+from natgrad.linalg import DecompositionError
+
+pytestmark = pytest.mark.usefixtures("float64")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small matrices: one thread is faster, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_spd(n, seed):
+    torch.manual_seed(seed)
+    B = torch.randn(n, n)
+    return B @ B.T / n + 0.1 * torch.eye(n)
+
+
+class ShapeRecorder(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+# ---------------------------------------------------------------- the rank-one update
+@pytest.mark.parametrize("n,alpha", [(1, 0.1), (5, 0.1), (30, 2.0)])
+def test_sherman_morrison_update_equals_the_dense_inverse(n, alpha):
+    X = random_spd(n, n)
+    u = torch.rand(n) + 0.1
+    out = sherman_morrison_update(torch.linalg.inv(X), u, alpha)
+    torch.testing.assert_close(
+        out, torch.linalg.inv(X + alpha * torch.outer(u, u)), rtol=1e-9, atol=1e-11
+    )
+
+
+def test_sherman_morrison_update_rejects_a_non_finite_result():
+    with pytest.raises(DecompositionError, match="non-finite"):
+        sherman_morrison_update(torch.full((2, 2), float("nan")), torch.ones(2), 0.1)
+
+
+def feed(curvatures, stats, decay):
+    for c in curvatures:
+        c.update(stats, decay)
+
+
+def random_stats(seed, m=7, p=3, d_in=5, d_out=4):
+    torch.manual_seed(seed)
+    return natgrad.LayerStats(torch.randn(m, p, d_in), torch.randn(m, p, d_out))
+
+
+def test_each_refresh_equals_the_dense_inverse_of_its_matrix():
+    """``k`` full factored-damping inverses, then every refresh inverts
+    ``X_prev + α u uᵀ`` with ``u = sqrt(diag A)`` of the *current* running factor."""
+    k, alpha, beta, damping, decay = 2, 0.3, 0.7, 0.05, 0.6
+    curv = DiagonalSwitchFactors((4, 5), torch.float64, CPU)
+    full = KroneckerFactors((4, 5), torch.float64, CPU)
+    inv = ShermanMorrisonInverse(torch.float64, CPU, k=k, alpha=alpha, beta=beta)
+    X_A = X_G = None
+    for j in range(6):
+        feed((curv, full), random_stats(j), 0.0 if j == 0 else decay)
+        inv.refresh(curv, damping)
+        A, G = full.factors()
+        if j < k:
+            pi = math.sqrt((torch.trace(A) / 5) / (torch.trace(G) / 4))
+            X_A = A + pi * math.sqrt(damping) * torch.eye(5)
+            X_G = G + math.sqrt(damping) / pi * torch.eye(4)
+        else:
+            u, v = A.diagonal().sqrt(), G.diagonal().sqrt()
+            X_A = X_A + alpha * torch.outer(u, u)
+            X_G = X_G + beta * torch.outer(v, v)
+        torch.testing.assert_close(inv.A_inv, torch.linalg.inv(X_A), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(inv.G_inv, torch.linalg.inv(X_G), rtol=1e-9, atol=1e-11)
+        if j == k - 1:
+            curv.switch_to_diagonal()
+    assert (inv.full_updates, inv.rank_one_updates) == (k, 4)
+    V = torch.randn(4, 5)
+    torch.testing.assert_close(
+        inv.apply(V, damping), torch.linalg.solve(X_G, V) @ torch.linalg.inv(X_A)
+    )
+
+
+def test_k_zero_starts_from_the_damping_alone():
+    damping = 0.04
+    curv = DiagonalSwitchFactors((4, 5), torch.float64, CPU, diagonal_only=True)
+    curv.update(random_stats(0), 0.0)
+    inv = ShermanMorrisonInverse(torch.float64, CPU, k=0, alpha=0.1, beta=0.1)
+    inv.refresh(curv, damping)
+    d_A, d_G = curv.diagonals()
+    pi = math.sqrt((d_A.sum() / 5) / (d_G.sum() / 4))
+    X_A = pi * math.sqrt(damping) * torch.eye(5) + 0.1 * torch.outer(d_A.sqrt(), d_A.sqrt())
+    X_G = math.sqrt(damping) / pi * torch.eye(4) + 0.1 * torch.outer(d_G.sqrt(), d_G.sqrt())
+    torch.testing.assert_close(inv.A_inv, torch.linalg.inv(X_A), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(inv.G_inv, torch.linalg.inv(X_G), rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------- diagonal accumulation
+def test_diagonal_accumulation_after_the_switch_equals_the_full_factors_diagonal():
+    curv = DiagonalSwitchFactors((4, 5), torch.float64, CPU)
+    full = KroneckerFactors((4, 5), torch.float64, CPU)
+    for j, decay in enumerate([0.0, 0.9, 0.5, 0.95, 0.3, 0.8]):
+        if j == 2:
+            curv.switch_to_diagonal()
+            assert curv.A is None and curv.G is None  # the n×n factors are released
+        feed((curv, full), random_stats(10 + j), decay)
+    d_A, d_G = curv.diagonals()
+    A, G = full.factors()
+    torch.testing.assert_close(d_A, A.diagonal(), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(d_G, G.diagonal(), rtol=1e-12, atol=1e-13)
+    A_t, G_t = curv.factors()  # introspection: the tracked diagonals, as dense matrices
+    torch.testing.assert_close(A_t, torch.diag(A.diagonal()))
+    torch.testing.assert_close(G_t, torch.diag(G.diagonal()))
+
+
+def test_diagonal_of_one_batch_is_o_n_and_matches_the_formula():
+    stats = random_stats(3, m=6, p=4, d_in=40, d_out=30)
+    a, g = stats.a, stats.g
+    A_ref = sum(torch.outer(a[i, t], a[i, t]) for i in range(6) for t in range(4)) / 6
+    G_ref = sum(torch.outer(g[i, t], g[i, t]) for i in range(6) for t in range(4)) / 24
+    torch.testing.assert_close(input_diagonal(a), A_ref.diagonal())
+    torch.testing.assert_close(output_diagonal(g), G_ref.diagonal())
+    curv = DiagonalSwitchFactors((30, 40), torch.float64, CPU, diagonal_only=True)
+    with ShapeRecorder() as rec:
+        curv.update(stats, 0.0)
+    assert (40, 40) not in rec.shapes and (30, 30) not in rec.shapes
+
+
+# ---------------------------------------------------------------- the method
+def tiny_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
+    )
+
+
+def digit_batches(n, size=32, seed=1):
+    from natgrad.experiments.data import digits
+
+    x, y = digits()[0].tensors
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, len(y), (size,), generator=gen)
+        out.append((x[idx].double(), y[idx]))
+    return out
+
+
+def train(model, pre, opt, data):
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        pre.step()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_method_switches_after_k_full_updates_and_steps_with_the_dense_inverses():
+    model = tiny_cnn()
+    k, alpha, damping = 2, 0.2, 0.03
+    pre = natgrad.SMKFAC(
+        model, k=k, alpha=alpha, beta=alpha, damping=damping, T_cov=1, T_inv=2, kl_clip=None
+    )
+    reference = {}
+    for name, layer in pre.layers.items():  # a full K-FAC fed the same rows, alongside
+        full = reference[name] = KroneckerFactors(layer.curvature.shape, torch.float64, CPU)
+        original = layer.curvature.update
+
+        def update(stats, decay, original=original, full=full):
+            original(stats, decay)
+            full.update(stats, decay)
+
+        layer.curvature.update = update
+    X = {}
+    for step, (x, y) in enumerate(digit_batches(7, size=16)):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = pre.grad_matrices()
+        pre.step()
+        refreshes = step // 2 + 1
+        for name, layer in pre.layers.items():
+            A, G = reference[name].factors()
+            if step % 2 == 0 and refreshes <= k:
+                pi = math.sqrt((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0]))
+                X[name] = (
+                    A + pi * math.sqrt(damping) * torch.eye(A.shape[0]),
+                    G + math.sqrt(damping) / pi * torch.eye(G.shape[0]),
+                )
+            elif step % 2 == 0:
+                u, v = A.diagonal().sqrt(), G.diagonal().sqrt()
+                X[name] = (
+                    X[name][0] + alpha * torch.outer(u, u),
+                    X[name][1] + alpha * torch.outer(v, v),
+                )
+            assert layer.curvature.diagonal_only == (refreshes >= k)
+            X_A, X_G = X[name]
+            ref = torch.linalg.solve(X_G, grads[name]) @ torch.linalg.inv(X_A)
+            torch.testing.assert_close(pre.grad_matrices()[name], ref, rtol=1e-8, atol=1e-11)
+    assert set(pre.factors()) == set(pre.layers)
+
+
+def test_registry_defaults_train_and_resume_bit_identically_across_the_switch():
+    model = tiny_cnn()
+    pre = natgrad.METHODS["smkfac"](model)
+    c = pre.config
+    assert isinstance(pre, natgrad.SMKFAC)
+    assert (c.k, c.alpha, c.beta, c.T_cov, c.T_inv, c.damping) == (10, 0.1, 0.1, 10, 100, 1e-3)
+
+    data = digit_batches(14)
+    kw = dict(lr=0.05, T_cov=2, T_inv=3, k=2, damping=0.01)
+    model = tiny_cnn()
+    pre, opt = natgrad.build("smkfac+sgd", model, **kw)
+    losses = train(model, pre, opt, data)
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert all(layer.inverse.rank_one_updates > 0 for layer in pre.layers.values())
+    reference = [p.detach().clone() for p in model.parameters()]
+
+    for cut in (4, 8):  # before and after the switch (k = 2 full updates at steps 0 and 3)
+        model = tiny_cnn()
+        pre, opt = natgrad.build("smkfac+sgd", model, **kw)
+        train(model, pre, opt, data[:cut])
+        saved = copy.deepcopy((model.state_dict(), opt.state_dict(), pre.state_dict()))
+        model = tiny_cnn()
+        pre, opt = natgrad.build("smkfac+sgd", model, lr=0.05)
+        model.load_state_dict(saved[0])
+        opt.load_state_dict(saved[1])
+        pre.load_state_dict(saved[2])
+        train(model, pre, opt, data[cut:])
+        for p, ref in zip(model.parameters(), reference):
+            assert torch.equal(p, ref)
+
+
+def test_bad_arguments_name_the_argument():
+    model = tiny_cnn()
+    with pytest.raises(ValueError, match="k must be an integer >= 0, got -1"):
+        natgrad.SMKFAC(model, k=-1)
+    with pytest.raises(ValueError, match="k must be an integer >= 0, got 1.5"):
+        natgrad.SMKFAC(model, k=1.5)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0, got 0"):
+        natgrad.SMKFAC(model, alpha=0)
+    with pytest.raises(ValueError, match="beta must be a finite number > 0, got -0.1"):
+        natgrad.SMKFAC(model, beta=-0.1)
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0, got inf"):
+        ShermanMorrisonInverse(torch.float64, CPU, alpha=float("inf"))
+    pre = natgrad.SMKFAC(model)
+    pre.configure(alpha=0.5, k=0)  # k = 0 now: switched at once
+    assert all(layer.inverse.alpha == 0.5 for layer in pre.layers.values())
+    assert all(layer.curvature.diagonal_only for layer in pre.layers.values())
