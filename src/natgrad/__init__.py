@@ -15,10 +15,26 @@ from .compose import UPDATE_RULES, build, parse_spec
 from .config import PreconditionerConfig
 from .layers import LAYER_HANDLERS
 from .linalg import DecompositionError
-from .methods import KFAC, KFACConfig
-from .methods import EKFAC, EKFACConfig, TEKFAC, TEKFACConfig, TKFAC, TKFACConfig
-from .methods import SKFAC, SKFACConfig, SMKFAC, SMKFACConfig
-from .preconditioner import ClippingWarning, NumericalWarning, Preconditioner, UnsupportedLayerWarning
+from .methods import (
+    EKFAC,
+    KFAC,
+    SKFAC,
+    SMKFAC,
+    TEKFAC,
+    TKFAC,
+    EKFACConfig,
+    KFACConfig,
+    SKFACConfig,
+    SMKFACConfig,
+    TEKFACConfig,
+    TKFACConfig,
+)
+from .preconditioner import (
+    ClippingWarning,
+    NumericalWarning,
+    Preconditioner,
+    UnsupportedLayerWarning,
+)
 from .registry import METHODS
 
 __version__ = "0.1.0"

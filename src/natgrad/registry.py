@@ -6,8 +6,7 @@ by adding its class here (or ``METHODS["mine"] = Mine`` from user code).
 
 from __future__ import annotations
 
-from .methods import EKFAC, KFAC, TEKFAC, TKFAC
-from .methods import SKFAC, SMKFAC
+from .methods import EKFAC, KFAC, SKFAC, SMKFAC, TEKFAC, TKFAC
 from .preconditioner import Preconditioner
 
 __all__ = ["METHODS"]

@@ -1,10 +1,10 @@
 """Curvature estimates: what each method keeps about a layer's Fisher block."""
 
 from .base import Curvature, NonFiniteStatistics
-from .kronecker import KroneckerFactors
-from .trace_restricted import TraceRestrictedFactors
 from .batch_matrices import BatchMatrices
 from .diagonal_switch import DiagonalSwitchFactors
+from .kronecker import KroneckerFactors
+from .trace_restricted import TraceRestrictedFactors
 
 __all__ = ["Curvature", "NonFiniteStatistics", "KroneckerFactors", "TraceRestrictedFactors"]
 __all__ += ["BatchMatrices", "DiagonalSwitchFactors"]

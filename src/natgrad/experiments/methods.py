@@ -41,6 +41,10 @@ FIRST_ORDER_LR: dict[str, float] = {"sgd": 0.05, "nag": 0.05, "adam": 1e-3, "rad
 #: Default learning rate of a K-FAC-family method, by the update rule behind it.
 PRECONDITIONED_LR: dict[str, float] = {"sgd": 0.05, "nag": 0.05, "adam": 1e-3, "radam": 1e-3}
 _COMMON = ("lr", "weight_decay")
+#: Settings every K-FAC-family method gets in ``bench`` behind SGD(-Nesterov) momentum:
+#: the papers' damping of 1e-3 diverges there at lr 0.05; λ = 0.1 with κ = 1e-3 trains
+#: for every method (docs/defaults.md). Presets, settings files and overrides win.
+MOMENTUM_DEFAULTS: dict[str, float] = {"damping": 0.1, "kl_clip": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,13 @@ class MethodSpec:
             return PEERS[self.name][1]
         table = FIRST_ORDER_LR if self.first_order else PRECONDITIONED_LR
         return table[self.rule]
+
+    def bench_defaults(self) -> dict[str, Any]:
+        """The lowest layer of this spec's hyperparameters in ``bench``."""
+        hp: dict[str, Any] = {"lr": self.default_lr(), "weight_decay": 0.0}
+        if self.method is not None and self.rule in ("sgd", "nag"):
+            hp.update(MOMENTUM_DEFAULTS)
+        return hp
 
     def fields(self) -> set[str]:
         """Hyperparameter names this spec accepts."""
@@ -227,7 +238,7 @@ def merge_hyperparameters(
     result: dict[str, dict[str, Any]] = {}
     for m in methods:
         fields = m.fields()
-        hp: dict[str, Any] = {"lr": m.default_lr(), "weight_decay": 0.0}
+        hp = m.bench_defaults()
         for label, layer in (("preset", preset), ("settings", settings)):
             for field, value in (layer or {}).get(m.name, {}).items():
                 if field in fields:

@@ -22,7 +22,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,6 @@ class _Clock:
     log_count: int = 0
     last_eval_step: int = -1
     log_lines: int = 0
-    final: dict[str, Any] = field(default_factory=dict)
 
 
 class _Run:
@@ -241,7 +240,8 @@ class _Run:
         self.data_gen.set_state(state["data_generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         random.setstate(state["python_rng"])
-        self.clock = _Clock(**state["clock"])
+        known = {f.name for f in fields(_Clock)}
+        self.clock = _Clock(**{k: v for k, v in state["clock"].items() if k in known})
         records = self.log_path.read_text().splitlines(keepends=True)[: self.clock.log_lines]
         self.log_path.write_text("".join(records))
 

@@ -1,11 +1,11 @@
 """The named methods: each a config plus one curvature and one inverse strategy."""
 
-from .kfac import KFAC, KFACConfig
 from .ekfac import EKFAC, EKFACConfig
-from .tkfac import TKFAC, TKFACConfig
-from .tekfac import TEKFAC, TEKFACConfig
+from .kfac import KFAC, KFACConfig
 from .skfac import SKFAC, SKFACConfig
 from .smkfac import SMKFAC, SMKFACConfig
+from .tekfac import TEKFAC, TEKFACConfig
+from .tkfac import TKFAC, TKFACConfig
 
 __all__ = ["KFAC", "KFACConfig"]
 __all__ += ["EKFAC", "EKFACConfig", "TKFAC", "TKFACConfig", "TEKFAC", "TEKFACConfig"]
