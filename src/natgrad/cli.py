@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--settings", default=None, metavar="JSON",
                        help="best settings written by `natgrad tune`")
     bench.add_argument("--out", default="results", help="results folder (default: %(default)s)")
+    bench.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train each run data-parallel on N local processes (torchrun; "
+                       "--batch-size is the global batch). For several machines run "
+                       "`torchrun ... -m natgrad bench ...` on each (docs/distributed.md)")
 
     tune = sub.add_parser(
         "tune", help="grid-search lr × damping × weight decay; write best settings JSON",
@@ -248,19 +252,61 @@ def _print_plan(plan, extra: str = "") -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from natgrad.distributed import world_from_env
     from natgrad.experiments.bench import run_bench
+    from natgrad.experiments.workers import Workers
 
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be an integer >= 1, got {args.nproc}")
+    world = world_from_env()[1]
+    if world == 1 and args.nproc > 1:
+        return _launch_bench(args)
+    if world > 1 and args.nproc not in (1, world):
+        raise ValueError(f"--nproc {args.nproc} disagrees with torchrun's WORLD_SIZE={world}; "
+                         "give one or the other")
     plan = _plan(args, default_epochs=3)
+    plan.processes = world
     if args.dry_run:
         _print_plan(plan)
         return 0
-    text = run_bench(plan, args.out, resume=args.resume, progress=_progress(args),
-                     quiet=args.quiet)
-    print(text)
-    out = Path(args.out)
-    print(f"table: {out / 'results.md'}, {out / 'results.csv'}; plots: {out / 'plots'}; "
-          f"logs: {out / 'runs'}/<method>/seed<k>/log.jsonl")
+    workers = Workers.from_env(args.device)
+    try:
+        if workers.distributed and not args.threads:
+            import torch
+
+            torch.set_num_threads(workers.default_threads())
+        text = run_bench(plan, args.out, resume=args.resume, progress=_progress(args),
+                         quiet=args.quiet, workers=workers)
+    except BaseException:
+        workers.close(wait=False)
+        raise
+    workers.close()
+    if text is not None:
+        print(text)
+        out = Path(args.out)
+        print(f"table: {out / 'results.md'}, {out / 'results.csv'}; plots: {out / 'plots'}; "
+              f"logs: {out / 'runs'}/<method>/seed<k>/log.jsonl")
     return 0
+
+
+def _launch_bench(args: argparse.Namespace) -> int:
+    """``natgrad bench --nproc N``: check the plan here, then run the same command on N
+    local worker processes under ``torchrun`` and return its exit status."""
+    import subprocess
+
+    from natgrad.experiments.data import load
+    from natgrad.experiments.workers import Workers, launch_command
+
+    plan = _plan(args, default_epochs=3)
+    plan.processes = args.nproc
+    Workers(world_size=args.nproc).check_batch(plan.batch_size)
+    if args.dry_run:
+        _print_plan(plan)
+        return 0
+    load(plan.dataset, plan.data_dir, plan.augment)  # a missing dataset fails here, once
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    return subprocess.call(launch_command(args.nproc, args.argv), env=env)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -312,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``natgrad`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"bench": _cmd_bench, "tune": _cmd_tune, "report": _cmd_report}
     if getattr(args, "threads", None):
         import torch

@@ -28,6 +28,7 @@ from .plots import write_plots
 from .results import load_runs, markdown_table, summarise, write_csv
 from .schedule import LRSchedule
 from .train import RunConfig, train_run
+from .workers import Workers
 
 __all__ = ["BenchPlan", "run_bench", "write_report", "DEFAULT_TARGETS"]
 
@@ -62,6 +63,7 @@ class BenchPlan:
     device: str = "cpu"
     preset: str | None = None
     notes: list[str] = field(default_factory=list)
+    processes: int = 1
 
     def run_config(self, spec: str, seed: int) -> RunConfig:
         return RunConfig(
@@ -69,7 +71,7 @@ class BenchPlan:
             model=self.model, batch_size=self.batch_size, epochs=self.epochs,
             minutes=self.minutes, seed=seed, evals_per_epoch=self.evals_per_epoch,
             log_every=self.log_every, schedule=self.schedule.as_dict(), augment=self.augment,
-            device=self.device,
+            device=self.device, processes=self.processes,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -80,7 +82,7 @@ class BenchPlan:
             "epochs": self.epochs, "minutes": self.minutes, "seeds": self.seeds,
             "targets": self.targets, "schedule": str(self.schedule),
             "evals_per_epoch": self.evals_per_epoch, "augment": self.augment,
-            "device": self.device,
+            "device": self.device, "processes": self.processes,
             "preset": self.preset, "notes": self.notes,
             "machine": {"platform": platform.platform(), "python": platform.python_version(),
                         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -90,25 +92,33 @@ class BenchPlan:
 
 
 def run_bench(plan: BenchPlan, out: str | os.PathLike, *, resume: bool = False,
-              progress: bool | None = None, quiet: bool = False) -> str:
-    """Run every method × seed of ``plan`` into ``out``; write and return the table."""
+              progress: bool | None = None, quiet: bool = False,
+              workers: Workers | None = None) -> str | None:
+    """Run every method × seed of ``plan`` into ``out``; write and return the table.
+
+    On several processes every worker calls this; rank 0 writes and returns the table,
+    the others return ``None``.
+    """
+    workers = workers or Workers()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     data = load(plan.dataset, plan.data_dir, plan.augment)
-    (out / "bench.json").write_text(json.dumps(plan.as_dict(), indent=2) + "\n")
-    for note in plan.notes:
-        print(f"note: {note}", file=sys.stderr)
+    speak = workers.is_main and not quiet
+    if workers.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(plan.as_dict(), indent=2) + "\n")
+        for note in plan.notes:
+            print(f"note: {note}", file=sys.stderr)
     total = len(plan.seeds) * len(plan.methods)
     done = 0
     for seed in plan.seeds:
         for method in plan.methods:
             done += 1
-            if not quiet:
+            if speak:
                 print(f"== run {done}/{total}: {method.name} (seed {seed})", file=sys.stderr)
             train_run(plan.run_config(method.name, seed), data,
                       out / "runs" / method.name / f"seed{seed}",
-                      resume=resume, progress=progress, quiet=quiet)
-    return write_report(out)
+                      resume=resume, progress=progress, quiet=quiet, workers=workers)
+    return write_report(out) if workers.is_main else None
 
 
 def write_report(out: str | os.PathLike, targets: Sequence[float] | None = None) -> str:
@@ -134,13 +144,17 @@ def write_report(out: str | os.PathLike, targets: Sequence[float] | None = None)
         f"{v:g} {k}" for k, v in (("epochs", cfg["epochs"]), ("minutes", cfg["minutes"])) if v
     )
     seeds = sorted({r.seed for r in runs})
+    processes = cfg.get("processes", 1)
+    batch = f"batch {cfg['batch_size']}"
+    if processes > 1:
+        batch += f" ({cfg['batch_size'] // processes} on each of {processes} processes)"
     header = (
         f"# natgrad bench: {cfg['model']} on {cfg['dataset']}\n\n"
-        f"Budget {budget} per run, batch {cfg['batch_size']}, seeds {seeds}, "
+        f"Budget {budget} per run, {batch}, seeds {seeds}, "
         f"lr schedule {LRSchedule(**cfg['schedule'])}. Times are training-clock seconds "
         "(evaluation excluded) measured in this run on "
         f"{bench.get('machine', {}).get('platform', 'this machine')} "
-        f"({bench.get('machine', {}).get('threads', '?')} threads, load average "
+        f"({_threads(bench)}{' per process' if processes > 1 else ''}, load average "
         f"{_load(bench)} at the start). Time to a threshold is "
         f"the first evaluation at or above it ({cfg['evals_per_epoch']} evaluations per "
         "epoch); ratios are to the fastest first-order baseline in this run.\n\n"
@@ -156,6 +170,11 @@ def write_report(out: str | os.PathLike, targets: Sequence[float] | None = None)
     write_plots([r for r in runs if r.status in ("done", "diverged")], out / "plots", order,
                 targets, title)
     return text
+
+
+def _threads(bench: dict[str, Any]) -> str:
+    threads = bench.get("machine", {}).get("threads", "?")
+    return f"{threads} thread{'' if threads == 1 else 's'}"
 
 
 def _load(bench: dict[str, Any]) -> str:

@@ -93,8 +93,13 @@ class MethodSpec:
         config = natgrad.METHODS[self.method].config_class
         return set(_COMMON) | {f.name for f in dataclasses.fields(config)}
 
-    def build(self, model: nn.Module, hyperparameters: Mapping[str, Any], seed: int = 0):
-        """``(preconditioner or None, optimizer)`` for ``model``."""
+    def build(self, model: nn.Module, hyperparameters: Mapping[str, Any], seed: int = 0,
+              distributed: Any = None):
+        """``(preconditioner or None, optimizer)`` for ``model``.
+
+        ``distributed`` (a :class:`natgrad.distributed.DataParallel` or ``None``) goes to
+        the preconditioner; baselines and peers need nothing beyond DDP.
+        """
         hp = dict(hyperparameters)
         lr = float(hp.pop("lr", self.default_lr()))
         weight_decay = float(hp.pop("weight_decay", 0.0))
@@ -103,6 +108,8 @@ class MethodSpec:
                                     weight_decay=weight_decay, **hp)
         if self.method is not None:
             hp["seed"] = seed
+            if distributed is not None:
+                hp["distributed"] = distributed
         return natgrad.build(self.name, model, lr=lr, weight_decay=weight_decay, **hp)
 
 

@@ -7,6 +7,12 @@ Fairness rules every run of a benchmark shares:
 - the clock counts training steps only (batch preparation, forward, backward,
   preconditioner, optimizer); evaluation, logging and checkpointing are excluded.
 
+On ``W`` processes (:class:`~natgrad.experiments.workers.Workers`) the run is the same run:
+``batch_size`` is the global batch, each worker trains on its ``1/W`` share of the batch
+the one-process run would draw, evaluation is split over the workers, and the clock is rank
+0's (every worker adopts it each step, so budgets end on the same step everywhere). Rank 0
+alone writes the files below; a checkpoint serves every worker.
+
 Files in the run folder: ``meta.json`` (config, status, summary), ``log.jsonl`` (one JSON
 object per line: ``kind`` = ``"train"`` every ``log_every`` steps or ``"eval"``, with
 ``step``, ``epoch``, ``time`` (training seconds), ``train_loss``, ``lr`` and, for evals,
@@ -34,6 +40,7 @@ from .data import ImageData
 from .methods import resolve
 from .models import build_model, count_parameters
 from .schedule import LRSchedule
+from .workers import Workers
 
 __all__ = ["RunConfig", "train_run", "evaluate", "read_log", "ConfigMismatch"]
 
@@ -64,7 +71,9 @@ class RunConfig:
         schedule: learning-rate schedule (:class:`LRSchedule` fields).
         augment: training augmentation on/off; ``None`` keeps the dataset's default.
         eval_batch_size: batch size of evaluation (no effect on numbers).
-        device: torch device to train on (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        device: torch device to train on (``"cpu"``, ``"cuda"``, ``"cuda:1"``...); on
+            several processes ``"cuda"`` means each worker's ``cuda:LOCAL_RANK``.
+        processes: number of worker processes ``W`` (``batch_size`` is split over them).
     """
 
     spec: str
@@ -81,6 +90,7 @@ class RunConfig:
     augment: bool | None = None
     eval_batch_size: int = 1000
     device: str = "cpu"
+    processes: int = 1
 
     def __post_init__(self) -> None:
         try:
@@ -96,7 +106,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        for name in ("batch_size", "evals_per_epoch", "log_every", "eval_batch_size"):
+        for name in ("batch_size", "evals_per_epoch", "log_every", "eval_batch_size",
+                     "processes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -107,20 +118,29 @@ class RunConfig:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000,
-             device: torch.device | str = "cpu") -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (0–1) on the test set, in eval mode."""
+             device: torch.device | str = "cpu",
+             workers: Workers | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (0–1) on the test set, in eval mode.
+
+    With several ``workers`` each evaluates its shard of the test set with rank 0's
+    buffers, and the sums are combined: every worker returns the same numbers.
+    """
+    workers = workers or Workers()
+    workers.sync_buffers(model)
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
-    n = len(data.y_test)
-    for start in range(0, n, batch_size):
-        x, y = data.test_batch(torch.arange(start, min(n, start + batch_size)))
+    shard = workers.shard(len(data.y_test))
+    for start in range(shard.start, shard.stop, batch_size):
+        x, y = data.test_batch(torch.arange(start, min(shard.stop, start + batch_size)))
         x, y = x.to(device), y.to(device)
         out = model(x)
         loss_sum += F.cross_entropy(out, y, reduction="sum").item()
         correct += int((out.argmax(1) == y).sum())
     model.train(was_training)
-    return loss_sum / n, correct / n
+    loss_sum, correct = workers.sum(torch.tensor([loss_sum, correct], dtype=torch.float64))
+    n = len(data.y_test)
+    return loss_sum.item() / n, round(correct.item()) / n
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -147,13 +167,19 @@ class _Clock:
     log_count: int = 0
     last_eval_step: int = -1
     log_lines: int = 0
+    last_eval: dict[str, Any] | None = None
 
 
 class _Run:
     """The state of one run in progress (model, optimizer, generators, files)."""
 
-    def __init__(self, cfg: RunConfig, data: ImageData, run_dir: Path) -> None:
-        self.cfg, self.data, self.dir = cfg, data, run_dir
+    def __init__(self, cfg: RunConfig, data: ImageData, run_dir: Path,
+                 workers: Workers) -> None:
+        self.cfg, self.data, self.dir, self.workers = cfg, data, run_dir, workers
+        if cfg.processes != workers.world_size:
+            raise ValueError(f"the run is set up for {cfg.processes} processes but "
+                             f"{workers.world_size} are running")
+        workers.check_batch(cfg.batch_size)
         self.spec = resolve(cfg.spec)
         self.schedule = LRSchedule(**cfg.schedule)
         n = len(data.y_train)
@@ -169,11 +195,15 @@ class _Run:
             raise ValueError("a cosine learning-rate schedule needs --epochs")
         per = min(cfg.evals_per_epoch, self.steps_per_epoch)
         self.eval_positions = {round(j * self.steps_per_epoch / per) for j in range(1, per + 1)}
-        self.device = torch.device(cfg.device)
+        self.device = workers.device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size)
-        self.model.to(self.device)
-        self.pre, self.opt = self.spec.build(self.model, cfg.hyperparameters, seed=cfg.seed)
+        # `net` is the model itself (preconditioned, checkpointed, evaluated); `model` is
+        # what training calls: `net`, or DDP around it on several processes.
+        self.net = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size)
+        self.net.to(self.device)
+        self.model = workers.wrap(self.net)
+        self.pre, self.opt = self.spec.build(self.net, cfg.hyperparameters, seed=cfg.seed,
+                                             distributed=workers.preconditioner_sharing())
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.perm: torch.Tensor | None = None
@@ -189,13 +219,15 @@ class _Run:
         return self.dir / "checkpoint.pt"
 
     def write_meta(self, status: str, summary: dict[str, Any] | None = None) -> None:
+        if not self.workers.is_main:
+            return
         meta = {
             "config": self.cfg.as_dict(),
             "status": status,
             "method_config": (
                 self.pre.config.as_dict() if self.pre is not None else None
             ),
-            "parameters": count_parameters(self.model),
+            "parameters": count_parameters(self.net),
             "steps_per_epoch": self.steps_per_epoch,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -204,16 +236,19 @@ class _Run:
         _write_json(self.dir / "meta.json", meta)
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.workers.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         self.clock.log_lines += 1
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
+        if not self.workers.is_main:
+            return
         state = {
             "version": CHECKPOINT_VERSION,
             "config": self.cfg.as_dict(),
-            "model": self.model.state_dict(),
+            "model": self.net.state_dict(),
             "optimizer": self.opt.state_dict(),
             "preconditioner": self.pre.state_dict() if self.pre is not None else None,
             "data_generator": self.data_gen.get_state(),
@@ -226,14 +261,22 @@ class _Run:
         os.replace(tmp, self.checkpoint_path)
 
     def load_checkpoint(self) -> None:
-        # Our own file of state_dicts and RNG states (Python tuples), hence weights_only=False.
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{self.checkpoint_path}: unsupported checkpoint version "
-                             f"{state.get('version')!r}")
-        if state["config"] != self.cfg.as_dict():
-            raise ConfigMismatch(f"{self.checkpoint_path} was written with other settings")
-        self.model.load_state_dict(state["model"])
+        """Rank 0 reads the checkpoint and every worker adopts it (one copy serves all:
+        their states are identical), so the folder need only be on rank 0's machine."""
+        state, problem = None, None
+        if self.workers.is_main:
+            # Our own file of state_dicts and RNG states (Python tuples): weights_only=False.
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+            if state.get("version") != CHECKPOINT_VERSION:
+                problem = ValueError(f"{self.checkpoint_path}: unsupported checkpoint version "
+                                     f"{state.get('version')!r}")
+            elif state["config"] != self.cfg.as_dict():
+                problem = ConfigMismatch(
+                    f"{self.checkpoint_path} was written with other settings")
+        state, problem = self.workers.from_main((None, problem) if problem else (state, None))
+        if problem is not None:
+            raise problem
+        self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         if self.pre is not None:
             self.pre.load_state_dict(state["preconditioner"])
@@ -242,8 +285,9 @@ class _Run:
         random.setstate(state["python_rng"])
         known = {f.name for f in fields(_Clock)}
         self.clock = _Clock(**{k: v for k, v in state["clock"].items() if k in known})
-        records = self.log_path.read_text().splitlines(keepends=True)[: self.clock.log_lines]
-        self.log_path.write_text("".join(records))
+        if self.workers.is_main:
+            records = self.log_path.read_text().splitlines(keepends=True)
+            self.log_path.write_text("".join(records[: self.clock.log_lines]))
 
     # ------------------------------------------------------------------ steps
     def epoch(self) -> float:
@@ -264,9 +308,13 @@ class _Run:
         position = self.clock.step % spe
         if position == 0 or self.perm is None:
             self.perm = torch.randperm(len(self.data.y_train), generator=self.data_gen)
+        # Every worker draws the whole global batch (same generator calls everywhere, so
+        # order and augmentation are the one-process run's) and keeps its share.
         x, y = self.data.train_batch(self.perm[position * bs : (position + 1) * bs],
                                      self.data_gen)
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        mine = self.workers.share(bs)
+        x, y = x[mine].to(self.device, non_blocking=True), y[mine].to(self.device,
+                                                                      non_blocking=True)
         factor = self.schedule.factor(self.clock.step, spe, self.total_steps)
         for group, base in zip(self.opt.param_groups, self.base_lrs):
             group["lr"] = base * factor
@@ -277,13 +325,19 @@ class _Run:
             self.pre.step()
         self.opt.step()
         value = loss.item()  # synchronises with an accelerator, so the clock is honest
-        self.clock.time += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        # The global batch's loss, and rank 0's time, on every worker (one tiny all-reduce
+        # off the clock): budgets, divergence and logs then agree everywhere.
+        mine = torch.tensor([value, elapsed if self.workers.is_main else 0.0],
+                            dtype=torch.float64)
+        value, elapsed = self.workers.sum(mine).tolist()
+        self.clock.time += elapsed
         self.clock.step += 1
-        return value
+        return value / self.workers.world_size
 
     def eval_record(self) -> dict[str, Any]:
-        test_loss, test_acc = evaluate(self.model, self.data, self.cfg.eval_batch_size,
-                                       self.device)
+        test_loss, test_acc = evaluate(self.net, self.data, self.cfg.eval_batch_size,
+                                       self.device, self.workers)
         c = self.clock
         train_loss = c.loss_sum / c.loss_count if c.loss_count else None
         c.loss_sum, c.loss_count, c.last_eval_step = 0.0, 0, c.step
@@ -293,6 +347,7 @@ class _Run:
             "test_loss": test_loss, "test_acc": test_acc, "lr": self.lr(),
         }
         self.log(record)
+        c.last_eval = record
         return record
 
 
@@ -305,6 +360,7 @@ def train_run(
     progress: bool | None = None,
     quiet: bool = False,
     stop_after_steps: int | None = None,
+    workers: Workers | None = None,
 ) -> dict[str, Any]:
     """Train one run; return its summary (also saved in ``meta.json``).
 
@@ -314,6 +370,8 @@ def train_run(
         progress: show a tqdm bar on stderr (``None``: only when stderr is a terminal).
         quiet: no per-evaluation lines on stderr.
         stop_after_steps: raise ``KeyboardInterrupt`` after this many steps (tests).
+        workers: the processes training together (default: this one alone); every worker
+            calls ``train_run`` with the same arguments and gets the same summary.
 
     Returns:
         ``{"status", "steps", "epochs", "train_time", "ms_per_iter", "test_acc",
@@ -325,37 +383,39 @@ def train_run(
     """
     from tqdm.auto import tqdm
 
+    workers = workers or Workers()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = run_dir / "meta.json"
-    if resume and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("config") != cfg.as_dict():
-            raise ConfigMismatch(
-                f"{run_dir} holds a run with other settings; use another --out or drop --resume"
-            )
-        if meta.get("status") in ("done", "diverged"):
-            return meta["summary"]
-    run = _Run(cfg, data, run_dir)
+    # Rank 0 looks at the folder and every worker follows its finding.
+    finding: tuple[str, Any] = ("start", None)
+    if workers.is_main:
+        finding = _resume_finding(run_dir, cfg, resume)
+    kind, detail = workers.from_main(finding)
+    if kind == "mismatch":
+        raise ConfigMismatch(detail)
+    if kind == "finished":
+        return detail
+    run = _Run(cfg, data, run_dir, workers)
     label = f"{cfg.spec} seed {cfg.seed}"
 
     def say(text: str) -> None:
-        if not quiet:
+        if not quiet and workers.is_main:
             tqdm.write(f"[{label}] {text}", file=sys.stderr)
 
-    if resume and run.checkpoint_path.exists():
+    if kind == "resume":
         run.load_checkpoint()
         say(f"resumed at epoch {run.epoch():.2f} (step {run.clock.step})")
     else:
-        run.log_path.write_text("")
-        run.checkpoint_path.unlink(missing_ok=True)
+        if workers.is_main:
+            run.log_path.write_text("")
+            run.checkpoint_path.unlink(missing_ok=True)
         run.eval_record()
     run.write_meta("running")
 
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(total=run.total_steps, initial=run.clock.step, desc=cfg.spec, unit="step",
-               file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True)
+               file=sys.stderr, disable=not (progress and workers.is_main), leave=False,
+               dynamic_ncols=True)
     status = "done"
     c = run.clock
     try:
@@ -388,9 +448,9 @@ def train_run(
                 raise KeyboardInterrupt(f"stopped after {c.step} steps (stop_after_steps)")
     finally:
         bar.close()
-    if status == "done" and c.last_eval_step != c.step:
+    if status == "done" and (c.last_eval_step != c.step or c.last_eval is None):
         run.eval_record()
-    last = [r for r in read_log(run.log_path) if r["kind"] == "eval"][-1]
+    last = c.last_eval
     summary = {
         "status": status,
         "steps": c.step,
@@ -403,6 +463,25 @@ def train_run(
     }
     run.write_meta(status, summary)
     return summary
+
+
+def _resume_finding(run_dir: Path, cfg: RunConfig, resume: bool) -> tuple[str, Any]:
+    """What the run folder says (rank 0 only; creates it): ``("finished", summary)``,
+    ``("mismatch", message)``, ``("resume", None)`` or ``("start", None)``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = run_dir / "meta.json"
+    if not resume:
+        return "start", None
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("config") != cfg.as_dict():
+            return "mismatch", (f"{run_dir} holds a run with other settings; use another --out "
+                                "or drop --resume")
+        if meta.get("status") in ("done", "diverged"):
+            return "finished", meta["summary"]
+    if (run_dir / "checkpoint.pt").exists():
+        return "resume", None
+    return "start", None
 
 
 def _write_json(path: Path, obj: Any) -> None:

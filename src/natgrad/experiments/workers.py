@@ -1,0 +1,188 @@
+"""The processes one training run uses: one (the default) or a ``torch.distributed`` group.
+
+A run on ``W`` processes trains the same model as a run on one process with the same
+global batch: every worker draws the whole global batch from the shared, seeded data
+generator (so the data order and augmentation are the one-process ones) and keeps its
+``1/W`` share of the rows; DDP averages the gradients, and the K-FAC-family
+preconditioners get :class:`natgrad.distributed.DataParallel`, so their factors are the
+global batch's (docs/distributed.md). Evaluation is split over the workers; rank 0 alone
+prints, shows progress and writes files.
+
+``W = 1`` is the same object with every collective a no-op, so the training loop has one
+code path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["Workers", "launch_command"]
+
+
+@dataclass(frozen=True)
+class Workers:
+    """This process's place among the run's workers.
+
+    Attributes:
+        rank: global rank in ``[0, world_size)``.
+        world_size: number of worker processes ``W``.
+        local_rank: rank on this machine (selects the GPU under NCCL).
+        local_world_size: workers on this machine (divides the CPU cores between them).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @classmethod
+    def from_env(cls, device: str = "cpu", timeout_s: float = 600.0) -> Workers:
+        """Join the group ``torchrun`` describes in the environment (``RANK``,
+        ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); one process without them.
+
+        The backend follows ``device``: NCCL for CUDA, gloo otherwise. Collectives fail
+        with an error after ``timeout_s`` seconds instead of hanging on a lost worker.
+        """
+        from natgrad.distributed import init_from_env, world_from_env
+
+        rank, world, local = world_from_env()
+        if world == 1:
+            return cls()
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        init_from_env(backend, timeout_s=timeout_s)
+        local_world = _int_env("LOCAL_WORLD_SIZE", world)
+        return cls(rank, world, local, local_world)
+
+    # ------------------------------------------------------------------ who does what
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: prints, shows progress, writes the run's files."""
+        return self.rank == 0
+
+    def device(self, name: str) -> torch.device:
+        """The device this worker trains on: ``"cuda"`` becomes ``cuda:LOCAL_RANK``."""
+        device = torch.device(name)
+        if device.type == "cuda" and device.index is None and self.distributed:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def default_threads(self) -> int:
+        """CPU threads per worker: the machine's cores shared by its workers."""
+        return max(1, (os.cpu_count() or 1) // self.local_world_size)
+
+    def check_batch(self, batch_size: int) -> None:
+        """The global batch must split into equal shares (DDP averages the workers'
+        gradients with equal weights, which is the global mean only for equal shares)."""
+        if batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size {batch_size} does not split evenly over {self.world_size} "
+                f"processes; use a multiple of {self.world_size}"
+            )
+
+    def share(self, n: int) -> slice:
+        """This worker's rows of a global batch of ``n`` rows (contiguous, rank order)."""
+        per = n // self.world_size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def shard(self, n: int) -> range:
+        """This worker's part of ``range(n)`` for evaluation (contiguous, nearly equal)."""
+        bounds = [round(r * n / self.world_size) for r in range(self.world_size + 1)]
+        return range(bounds[self.rank], bounds[self.rank + 1])
+
+    # ------------------------------------------------------------------ training pieces
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The module to call for training: ``DistributedDataParallel`` around ``module``
+        (gradients averaged during ``backward``), or ``module`` itself for one worker."""
+        if not self.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(module.parameters()).device
+        return DistributedDataParallel(
+            module, device_ids=[device] if device.type == "cuda" else None
+        )
+
+    def preconditioner_sharing(self) -> Any:
+        """What K-FAC-family preconditioners get as ``distributed=``: a
+        :class:`natgrad.distributed.DataParallel` (every worker keeps every inverse, so
+        rank 0's checkpoint serves all) or ``None`` for one worker."""
+        if not self.distributed:
+            return None
+        from natgrad.distributed import DataParallel
+
+        return DataParallel(share="inverse")
+
+    # ------------------------------------------------------------------ collectives
+    def sum(self, values: Tensor) -> Tensor:
+        """Element-wise sum over workers (a copy; ``values`` itself for one worker)."""
+        if not self.distributed:
+            return values
+        total = values.clone()
+        dist.all_reduce(total)
+        return total
+
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every worker (any picklable object)."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        """Give every worker rank 0's buffers (batch-norm running statistics, which each
+        worker updates from its own rows) before evaluating."""
+        if not self.distributed:
+            return
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group: after a barrier (``wait``, the normal end: no worker
+        leaves while others still need it), or at once (after an error, so that the other
+        workers' next collective fails instead of waiting for this one)."""
+        if self.distributed and dist.is_initialized():
+            if wait:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def launch_command(nproc: int, argv: list[str]) -> list[str]:
+    """The ``torchrun`` command that runs ``natgrad ARGV`` on ``nproc`` local processes
+    (``--standalone``: a private rendezvous on a free local port).
+
+    ``--nproc`` is dropped from ``ARGV`` (the workers learn their number from torchrun,
+    and torchrun itself would take ``--nproc`` for an abbreviation of its own options).
+    """
+    import sys
+
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", "natgrad", *kept]
+
+
+def _int_env(key: str, default: int) -> int:
+    text = os.environ.get(key)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {key} must be an integer, got {text!r}") from None
