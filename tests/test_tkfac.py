@@ -177,6 +177,38 @@ def test_tekfac_theta_is_the_per_sample_second_moment_in_tkfac_eigenbasis():
         torch.testing.assert_close(inv.S, ref, rtol=1e-10, atol=1e-14)
 
 
+def test_tekfac_keeps_separate_decays_for_theta_and_the_factors():
+    """``004_…`` eq. 3.3: ``Θ`` averages with ``β₁`` (``rescale_decay``), ``δ``, ``Φ``,
+    ``Ψ`` with ``β₂`` (``decay``)."""
+    model = tiny_mlp()
+    x, y = data(model)
+    x2 = x + 0.3 * torch.randn_like(x)
+    pre = natgrad.TEKFAC(model, kl_clip=None, T_cov=1, T_inv=100, T_s=1, decay=0.9,
+                         rescale_decay=0.5)
+    for batch in (x, x2):
+        model.zero_grad()
+        F.cross_entropy(model(batch), y).backward()
+        pre.step()
+    for name, layer in pre.layers.items():
+        inv, curv = layer.inverse, layer.curvature
+        moments = [
+            torch.stack([(inv.Q_G.T @ G_i @ inv.Q_A) ** 2
+                         for G_i in per_sample_grad_matrices(model, name, b, y)]).mean(0)
+            for b in (x, x2)
+        ]  # in step 0's basis (T_inv = 100); no optimizer, so the weights never moved
+        torch.testing.assert_close(inv.S, 0.5 * moments[0] + 0.5 * moments[1], rtol=1e-10,
+                                   atol=1e-14)
+        batch_deltas = []
+        for b in (x, x2):
+            fresh = TraceRestrictedFactors(curv.shape, torch.float64, torch.device("cpu"))
+            fresh.update(LayerStats(*reference_rows(model, name, b, y)), 0.0)
+            batch_deltas.append(fresh.delta)
+        torch.testing.assert_close(curv.delta, 0.9 * batch_deltas[0] + 0.1 * batch_deltas[1])
+    with pytest.raises(ValueError, match="rescale_decay"):
+        natgrad.TEKFAC(model, rescale_decay=1.0)
+    assert natgrad.EKFAC(model, decay=0.8).observe_decay() == 0.8  # None: the factors' decay
+
+
 def test_tekfac_update_with_trace_damping_equals_dense_solve():
     model = tiny_cnn()
     x, y = data(model)

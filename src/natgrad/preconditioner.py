@@ -181,6 +181,14 @@ class Preconditioner(ABC):
         """
         return {name: self.config.damping for name in self.layers}
 
+    def observe_decay(self) -> float:
+        """Running-average decay of what an inverse strategy fits in its own basis
+        (:meth:`InverseStrategy.observe`; default: the curvature's ``config.decay``).
+
+        Methods with a separate decay for it (TEKFAC's ``β₁``) override this one method.
+        """
+        return self.config.decay
+
     # ------------------------------------------------------------------ set-up
     def _make_layer(self, name: str, module: nn.Module, handler: LayerHandler) -> _Layer:
         shape = handler.shape(module)
@@ -305,7 +313,7 @@ class Preconditioner(ABC):
                 if self.distributed is not None:
                     comm = self.distributed.comm
                     observe = functools.partial(layer.inverse.observe_across, comm=comm)
-                self._guard(name, "observe", observe, stats[name], self.config.decay)
+                self._guard(name, "observe", observe, stats[name], self.observe_decay())
         deltas = self._precondition(grads, dampings)
         self._write(deltas)
         self._stale = False

@@ -7,37 +7,54 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import PreconditionerConfig, check_positive_int
+from ..config import PreconditionerConfig, check_decay, check_positive_int
 from ..curvature import KroneckerFactors
 from ..inverses import EigenCorrectedInverse
 from ..preconditioner import Preconditioner
 
-__all__ = ["EKFAC", "EKFACConfig", "RescalingSchedule"]
+__all__ = ["EKFAC", "EKFACConfig", "RescalingConfig", "RescalingSchedule"]
 
 
 @dataclass(kw_only=True)
-class EKFACConfig(PreconditionerConfig):
-    """EKFAC's hyperparameters, defaults from ``001_…``: ``ε = 0.95``, ``T_cov = 10``,
-    ``T_inv = 100`` (eigenbasis), ``T_s = 10`` (re-scaling), KL clip ``1e-2``, damping
-    ``1e-3`` (the paper's grid is {3e-2, 3e-3, 1e-3}).
+class RescalingConfig(PreconditionerConfig):
+    """Adds the fields of methods that re-fit a re-scaling in the Kronecker eigenbasis
+    (EKFAC's ``S``, TEKFAC's ``Θ``):
 
     Attributes:
-        T_s: steps between updates of the re-scaling ``S`` (>= 1).
+        T_s: steps between updates of the re-scaling (>= 1).
+        rescale_decay: running-average decay of the re-scaling, in [0, 1) (``004_…``'s
+            ``β₁``, beside ``β₂ = decay`` for the factors); ``None``: the same as ``decay``.
     """
 
-    damping: float = 1e-3
-    kl_clip: float | None = 1e-2
     T_s: int = 10
+    rescale_decay: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int("T_s", self.T_s)
+        if self.rescale_decay is not None:
+            check_decay("rescale_decay", self.rescale_decay)
+
+
+@dataclass(kw_only=True)
+class EKFACConfig(RescalingConfig):
+    """EKFAC's hyperparameters, defaults from ``001_…``: ``ε = 0.95`` (factors and ``S``),
+    ``T_cov = 10``, ``T_inv = 100`` (eigenbasis), ``T_s = 10`` (re-scaling), KL clip
+    ``1e-2``, damping ``1e-3`` (the paper's grid is {3e-2, 3e-3, 1e-3})."""
+
+    damping: float = 1e-3
+    kl_clip: float | None = 1e-2
 
 
 class RescalingSchedule:
-    """Mixin: keeps each layer's :class:`~natgrad.inverses.EigenCorrectedInverse`
-    ``observe_every`` equal to ``config.T_s`` through :meth:`configure` and
-    :meth:`load_state_dict`."""
+    """Mixin for a preconditioner whose config is a :class:`RescalingConfig`: keeps each
+    layer's :class:`~natgrad.inverses.EigenCorrectedInverse` ``observe_every`` equal to
+    ``config.T_s`` through :meth:`configure` and :meth:`load_state_dict`, and averages the
+    re-scaling with ``config.rescale_decay``."""
+
+    def observe_decay(self) -> float:
+        decay = self.config.rescale_decay
+        return self.config.decay if decay is None else decay
 
     def _sync_rescaling_schedule(self) -> None:
         for layer in self.layers.values():

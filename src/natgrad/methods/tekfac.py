@@ -5,35 +5,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import check_positive_int
 from ..curvature import TraceRestrictedFactors
 from ..damping import TraceAdaptiveDamping, TraceDampingConfig
 from ..inverses import EigenCorrectedInverse
 from ..preconditioner import Preconditioner
-from .ekfac import RescalingSchedule
+from .ekfac import RescalingConfig, RescalingSchedule
 
 __all__ = ["TEKFAC", "TEKFACConfig"]
 
 
 @dataclass(kw_only=True)
-class TEKFACConfig(TraceDampingConfig):
-    """TEKFAC's hyperparameters (see :class:`~natgrad.damping.TraceDampingConfig`).
+class TEKFACConfig(TraceDampingConfig, RescalingConfig):
+    """TEKFAC's hyperparameters: :class:`~natgrad.damping.TraceDampingConfig`'s and
+    :class:`~natgrad.methods.ekfac.RescalingConfig`'s.
 
     ``trace_floor = 0.01`` (``ϑ``) is ``004_…``'s best value; the schedules and damping
-    follow EKFAC's (``001_…``). ``004_…`` keeps separate decays for ``Θ`` (``β₁``) and
-    the factors (``β₂``); here both use ``decay``.
-
-    Attributes:
-        T_s: steps between updates of the re-scaling ``Θ`` (>= 1).
+    follow EKFAC's (``001_…``). ``004_…`` keeps separate decays for ``Θ``
+    (``rescale_decay``, its ``β₁``) and the factors (``decay``, ``β₂``); its values were
+    lost from the text we have, so ``rescale_decay`` defaults to ``decay``.
     """
 
     damping: float = 1e-3
     kl_clip: float | None = 1e-2
-    T_s: int = 10
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive_int("T_s", self.T_s)
 
 
 class TEKFAC(TraceAdaptiveDamping, RescalingSchedule, Preconditioner):
