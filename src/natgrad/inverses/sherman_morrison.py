@@ -118,6 +118,14 @@ class ShermanMorrisonInverse(InverseStrategy):
         self.A_inv, self.G_inv = A_inv, G_inv
         self.rank_one_updates += 1
 
+    def refresh_cost(self, shape: tuple[int, int]) -> float:
+        """``d_out² + d_in'²``: a rank-one update is two ``O(n²)`` matrix–vector products
+        and an outer product per factor. The ``k`` full ``O(n³)`` updates at the start
+        are left out: the work assignment is fixed for the whole run, which is the
+        rank-one phase but for its first ``k·T_inv`` steps."""
+        d_out, d_in = shape
+        return float(d_out) ** 2 + float(d_in) ** 2
+
     def _damping_only(self, d_A: Tensor, d_G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
         """``((π·sqrt(λ))⁻¹ I, (sqrt(λ)/π)⁻¹ I)``: the starting point when ``k = 0``."""
         pi, root = self.pi(torch.diag(d_A), torch.diag(d_G)), math.sqrt(damping)
