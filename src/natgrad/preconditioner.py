@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import functools
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -34,6 +33,7 @@ from .curvature import Curvature, NonFiniteStatistics
 from .inverses import InverseStrategy
 from .layers import LayerHandler, grad_matrix, handler_for, write_grad_matrix
 from .linalg import DecompositionError, kl_clip_scale
+from .sharing import Local
 
 if TYPE_CHECKING:
     from .distributed import DataParallel
@@ -158,8 +158,10 @@ class Preconditioner(ABC):
         if optimizer is not None:
             self.attach(optimizer)
         self.distributed = distributed
-        if distributed is not None:
-            distributed.bind(self)
+        # Where one process and data-parallel workers differ (sharing.py); no other
+        # code branches on it.
+        self._sharing = Local() if distributed is None else distributed
+        self._sharing.bind(self)
 
     # ------------------------------------------------------------------ method hooks
     @abstractmethod
@@ -309,10 +311,7 @@ class Preconditioner(ABC):
             self._refresh_all(dampings)
         for name, layer in self.layers.items():
             if name in stats and self._observes(step, layer) and layer.inverse.ready:
-                observe = layer.inverse.observe
-                if self.distributed is not None:
-                    comm = self.distributed.comm
-                    observe = functools.partial(layer.inverse.observe_across, comm=comm)
+                observe = self._sharing.observation(layer.inverse)
                 self._guard(name, "observe", observe, stats[name], self.observe_decay())
         deltas = self._precondition(grads, dampings)
         self._write(deltas)
@@ -325,18 +324,11 @@ class Preconditioner(ABC):
             if name not in stats:
                 continue
             decay = self.config.decay if layer.curvature.initialized else 0.0
-            update = layer.curvature.update
-            if self.distributed is not None:
-                comm = self.distributed.comm
-                update = functools.partial(layer.curvature.update_across, comm=comm)
+            update = self._sharing.curvature_update(layer.curvature)
             self._guard(name, "statistics", update, stats[name], decay)
 
     def _refresh_all(self, dampings: Mapping[str, float]) -> None:
-        if self.distributed is not None:
-            self.distributed.refresh(self, dampings)  # owners refresh, then share
-            return
-        for name, layer in self.layers.items():
-            self._refresh(name, layer, dampings[name])
+        self._sharing.refresh(self, dampings)
 
     def _guard(self, name: str, what: str, fn, *args) -> bool:
         """Run ``fn``; on NaN/Inf statistics warn once and leave the state as it was."""
@@ -426,10 +418,7 @@ class Preconditioner(ABC):
     def _precondition(
         self, grads: Mapping[str, Tensor], dampings: Mapping[str, float]
     ) -> dict[str, Tensor]:
-        if self.distributed is not None:
-            deltas = self.distributed.precondition(self, grads, dampings)
-        else:
-            deltas = self.precondition(grads, dampings)
+        deltas = self._sharing.precondition(self, grads, dampings)
         if self.config.kl_clip is not None:
             lrs = self._learning_rates()
             vdotg = sum(

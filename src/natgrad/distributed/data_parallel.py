@@ -3,7 +3,8 @@
 
 The model is wrapped in ``torch.nn.parallel.DistributedDataParallel`` as usual, so every
 worker's ``.grad`` is the global batch-mean gradient before :meth:`Preconditioner.step`.
-The preconditioner then calls this object at three points of its step:
+The preconditioner then calls this object (its sharing strategy, natgrad/sharing.py) at
+three points of its step:
 
 1. **factor updates** (every ``T_cov``): each layer's curvature folds in this worker's rows
    and is made the global batch's by :meth:`Curvature.update_across` (default: a weighted
@@ -24,6 +25,7 @@ basis on every worker, so they require ``share="inverse"``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,9 @@ from .assignment import WorkAssignment, balance
 from .comm import Collective
 
 if TYPE_CHECKING:
+    from ..capture import LayerStats
+    from ..curvature import Curvature
+    from ..inverses import InverseStrategy
     from ..preconditioner import Preconditioner
 
 __all__ = ["DataParallel", "SHARE_MODES"]
@@ -124,6 +129,15 @@ class DataParallel:
         return self.assignment.owner(name) == self.comm.rank
 
     # ------------------------------------------------------------------ step hooks
+    def curvature_update(self, curvature: Curvature) -> Callable[[LayerStats, float], None]:
+        """:meth:`Curvature.update_across` over this group: every worker ends with the
+        global batch's statistics."""
+        return functools.partial(curvature.update_across, comm=self.comm)
+
+    def observation(self, inverse: InverseStrategy) -> Callable[[LayerStats, float], None]:
+        """:meth:`InverseStrategy.observe_across` over this group."""
+        return functools.partial(inverse.observe_across, comm=self.comm)
+
     def refresh(self, pre: Preconditioner, dampings: Mapping[str, float]) -> None:
         """Refresh the inverses this worker owns, then receive every other owner's
         :meth:`InverseStrategy.broadcast_keys` (one description + one flat broadcast per
