@@ -13,6 +13,16 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one thread is faster than two here and leaves the other core to
+    whatever else runs on this shared machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def float64():
     """Run a test with float64 as the default dtype (dense references in double)."""

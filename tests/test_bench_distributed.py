@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import free_port, spawn_and_wait
 
 from natgrad.cli import main
 from natgrad.experiments.data import load
@@ -84,12 +82,6 @@ def test_nproc_2_writes_one_set_of_files(two_benches):
 
 
 # --------------------------------------------------------------------- resume on 2 workers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _resume_worker(rank: int, port: int, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
@@ -114,13 +106,8 @@ def _resume_worker(rank: int, port: int, outdir: str) -> None:
 
 
 def test_two_process_resume_is_exact(tmp_path):
-    ctx = mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2-worker resume did not finish within {DEADLINE_S} s")
+    spawn_and_wait(_resume_worker, (free_port(), str(tmp_path)), 2, DEADLINE_S,
+                   "2-worker resume")
     s0, s1 = (torch.load(tmp_path / f"summary{r}.pt", weights_only=False) for r in (0, 1))
     assert s0 == s1  # every worker returns the same summary (rank 0's clock)
     assert s0["straight"]["steps"] == s0["resumed"]["steps"] == 44

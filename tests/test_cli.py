@@ -22,18 +22,11 @@ from natgrad.experiments import train as train_module
 from natgrad.experiments.results import Run, Stat, summarise, time_to_target
 from natgrad.experiments.schedule import LRSchedule, parse_schedule
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--dataset", "digits", "--model", "mlp", "--batch-size", "64", "--progress", "off",
         "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread avoids oversubscribing a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

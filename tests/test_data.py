@@ -13,14 +13,7 @@ import torch
 from natgrad.experiments import data as D
 from natgrad.experiments.augment import random_crop_flip
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread avoids oversubscribing a shared CPU (4× faster here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cifar_batch(rng: np.random.Generator, n: int, label_key: bytes, classes: int) -> dict:

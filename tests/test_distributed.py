@@ -22,15 +22,14 @@ import itertools
 import math
 import os
 import random
-import socket
 import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import free_port, spawn_and_wait
 from torch import nn
 
 import natgrad
@@ -211,22 +210,10 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     os._exit(0)  # the group is broken; do not wait on its teardown
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("distributed"))
-    ctx = mp.spawn(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2-worker job did not finish within {SPAWN_DEADLINE_S} s")
+    spawn_and_wait(_worker, (free_port(), outdir), WORLD, SPAWN_DEADLINE_S, "2-worker job")
     ranks = [
         torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)
     ]

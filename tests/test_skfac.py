@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ShapeRecorder, digit_batches, digits_cnn, train
 from reference import patches_by_loops, per_sample_output_grads, unvec, vec
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import natgrad
 from natgrad.curvature import BatchMatrices, KroneckerFactors, NonFiniteStatistics
@@ -30,38 +30,14 @@ from natgrad.inverses.woodbury import (
 )
 from natgrad.linalg import DecompositionError, input_factor, output_factor
 
-pytestmark = pytest.mark.usefixtures("float64")
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: one thread is faster, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def dense_damped_inverse(Y, damping):
     """``(λI + YᵀY/m)⁻¹`` the slow, obvious way."""
     n = Y.shape[1]
     return torch.linalg.inv(damping * torch.eye(n) + Y.T @ Y / Y.shape[0])
-
-
-class ShapeRecorder(TorchFunctionMode):
-    """Records the shape of every tensor a torch function returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.add(tuple(t.shape))
-        return out
 
 
 def curvature_from(Y_A, Y_G):
@@ -275,40 +251,11 @@ def test_non_finite_batch_leaves_rows_and_generator_untouched():
 
 
 # ---------------------------------------------------------------- the method
-def tiny_cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
-    )
-
-
-def digit_batches(n, size=32, seed=1):
-    from natgrad.experiments.data import digits
-
-    x, y = digits()[0].tensors
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        idx = torch.randint(0, len(y), (size,), generator=gen)
-        out.append((x[idx].double(), y[idx]))
-    return out
-
-
-def train(model, pre, opt, data):
-    losses = []
-    for x, y in data:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        pre.step()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("kw", [{}, {"reduction": "subsample", "spatial_samples": 2}])
 def test_skfac_step_equals_the_dense_damped_kronecker_solve(kw):
-    model = tiny_cnn()
+    model = digits_cnn()
     (x, y), damping = digit_batches(1, size=12)[0], 0.05
     pre = natgrad.SKFAC(model, damping=damping, kl_clip=None, **kw)
     F.cross_entropy(model(x), y).backward()
@@ -321,7 +268,7 @@ def test_skfac_step_equals_the_dense_damped_kronecker_solve(kw):
 
 
 def test_registry_defaults_train_and_resume_bit_identically():
-    model = tiny_cnn()
+    model = digits_cnn()
     pre = natgrad.METHODS["skfac"](model)
     c = pre.config
     assert isinstance(pre, natgrad.SKFAC)
@@ -335,14 +282,14 @@ def test_registry_defaults_train_and_resume_bit_identically():
 
     data = digit_batches(12)
     kw = dict(lr=0.05, T_cov=2, T_inv=5, damping=0.1, reduction="subsample", spatial_samples=3)
-    model = tiny_cnn()
+    model = digits_cnn()
     pre, opt = natgrad.build("skfac+sgd", model, **kw)
     losses = train(model, pre, opt, data)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) < sum(losses[:3])  # it learns
     reference = [p.detach().clone() for p in model.parameters()]
 
-    model = tiny_cnn()
+    model = digits_cnn()
     pre, opt = natgrad.build("skfac+sgd", model, **kw)
     train(model, pre, opt, data[:7])  # mid T_cov and T_inv cycles
     saved = copy.deepcopy((model.state_dict(), opt.state_dict(), pre.state_dict()))
@@ -359,7 +306,7 @@ def test_registry_defaults_train_and_resume_bit_identically():
 
 
 def test_short_last_batch_keeps_training():
-    model = tiny_cnn()
+    model = digits_cnn()
     pre, opt = natgrad.build("skfac+sgd", model, lr=0.05, T_cov=1, T_inv=1, damping=0.1)
     data = (
         digit_batches(3, size=16)
@@ -372,7 +319,7 @@ def test_short_last_batch_keeps_training():
 
 
 def test_bad_arguments_name_the_argument():
-    model = tiny_cnn()
+    model = digits_cnn()
     with pytest.raises(ValueError, match="spatial_samples must be an integer >= 1, got 0"):
         natgrad.SKFAC(model, spatial_samples=0)
     with pytest.raises(ValueError, match="reduction must be one of .* got 'mean'"):

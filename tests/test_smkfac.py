@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.overrides import TorchFunctionMode
+from helpers import ShapeRecorder, digit_batches, digits_cnn, train
 
 import natgrad
 from natgrad.curvature import DiagonalSwitchFactors, KroneckerFactors
@@ -17,36 +16,14 @@ from natgrad.inverses import ShermanMorrisonInverse
 from natgrad.inverses.sherman_morrison import sherman_morrison_update
 from natgrad.linalg import DecompositionError
 
-pytestmark = pytest.mark.usefixtures("float64")
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: one thread is faster, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_spd(n, seed):
     torch.manual_seed(seed)
     B = torch.randn(n, n)
     return B @ B.T / n + 0.1 * torch.eye(n)
-
-
-class ShapeRecorder(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.add(tuple(t.shape))
-        return out
 
 
 # ---------------------------------------------------------------- the rank-one update
@@ -152,39 +129,10 @@ def test_diagonal_of_one_batch_is_o_n_and_matches_the_formula():
 
 
 # ---------------------------------------------------------------- the method
-def tiny_cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
-    )
-
-
-def digit_batches(n, size=32, seed=1):
-    from natgrad.experiments.data import digits
-
-    x, y = digits()[0].tensors
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        idx = torch.randint(0, len(y), (size,), generator=gen)
-        out.append((x[idx].double(), y[idx]))
-    return out
-
-
-def train(model, pre, opt, data):
-    losses = []
-    for x, y in data:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        pre.step()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def test_method_switches_after_k_full_updates_and_steps_with_the_dense_inverses():
-    model = tiny_cnn()
+    model = digits_cnn()
     k, alpha, damping = 2, 0.2, 0.03
     pre = natgrad.SMKFAC(
         model, k=k, alpha=alpha, beta=alpha, damping=damping, T_cov=1, T_inv=2, kl_clip=None
@@ -228,7 +176,7 @@ def test_method_switches_after_k_full_updates_and_steps_with_the_dense_inverses(
 
 
 def test_registry_defaults_train_and_resume_bit_identically_across_the_switch():
-    model = tiny_cnn()
+    model = digits_cnn()
     pre = natgrad.METHODS["smkfac"](model)
     c = pre.config
     assert isinstance(pre, natgrad.SMKFAC)
@@ -236,7 +184,7 @@ def test_registry_defaults_train_and_resume_bit_identically_across_the_switch():
 
     data = digit_batches(14)
     kw = dict(lr=0.05, T_cov=2, T_inv=3, k=2, damping=0.01)
-    model = tiny_cnn()
+    model = digits_cnn()
     pre, opt = natgrad.build("smkfac+sgd", model, **kw)
     losses = train(model, pre, opt, data)
     assert all(math.isfinite(v) for v in losses)
@@ -245,11 +193,11 @@ def test_registry_defaults_train_and_resume_bit_identically_across_the_switch():
     reference = [p.detach().clone() for p in model.parameters()]
 
     for cut in (4, 8):  # before and after the switch (k = 2 full updates at steps 0 and 3)
-        model = tiny_cnn()
+        model = digits_cnn()
         pre, opt = natgrad.build("smkfac+sgd", model, **kw)
         train(model, pre, opt, data[:cut])
         saved = copy.deepcopy((model.state_dict(), opt.state_dict(), pre.state_dict()))
-        model = tiny_cnn()
+        model = digits_cnn()
         pre, opt = natgrad.build("smkfac+sgd", model, lr=0.05)
         model.load_state_dict(saved[0])
         opt.load_state_dict(saved[1])
@@ -260,7 +208,7 @@ def test_registry_defaults_train_and_resume_bit_identically_across_the_switch():
 
 
 def test_bad_arguments_name_the_argument():
-    model = tiny_cnn()
+    model = digits_cnn()
     with pytest.raises(ValueError, match="k must be an integer >= 0, got -1"):
         natgrad.SMKFAC(model, k=-1)
     with pytest.raises(ValueError, match="k must be an integer >= 0, got 1.5"):

@@ -295,11 +295,11 @@ def _launch_bench(args: argparse.Namespace) -> int:
     import subprocess
 
     from natgrad.experiments.data import load
-    from natgrad.experiments.workers import Workers, launch_command
+    from natgrad.experiments.workers import check_batch, launch_command
 
     plan = _plan(args, default_epochs=3)
     plan.processes = args.nproc
-    Workers(world_size=args.nproc).check_batch(plan.batch_size)
+    check_batch(plan.batch_size, args.nproc)
     if args.dry_run:
         _print_plan(plan)
         return 0

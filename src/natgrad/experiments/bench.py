@@ -99,7 +99,7 @@ def run_bench(plan: BenchPlan, out: str | os.PathLike, *, resume: bool = False,
     On several processes every worker calls this; rank 0 writes and returns the table,
     the others return ``None``.
     """
-    workers = workers or Workers()
+    workers = workers or Workers.single()
     out = Path(out)
     data = load(plan.dataset, plan.data_dir, plan.augment)
     speak = workers.is_main and not quiet

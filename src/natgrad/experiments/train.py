@@ -40,7 +40,7 @@ from .data import ImageData
 from .methods import resolve
 from .models import build_model, count_parameters
 from .schedule import LRSchedule
-from .workers import Workers
+from .workers import Workers, check_batch
 
 __all__ = ["RunConfig", "train_run", "evaluate", "read_log", "ConfigMismatch"]
 
@@ -125,7 +125,7 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000,
     With several ``workers`` each evaluates its shard of the test set with rank 0's
     buffers, and the sums are combined: every worker returns the same numbers.
     """
-    workers = workers or Workers()
+    workers = workers or Workers.single()
     workers.sync_buffers(model)
     was_training = model.training
     model.eval()
@@ -179,7 +179,7 @@ class _Run:
         if cfg.processes != workers.world_size:
             raise ValueError(f"the run is set up for {cfg.processes} processes but "
                              f"{workers.world_size} are running")
-        workers.check_batch(cfg.batch_size)
+        check_batch(cfg.batch_size, workers.world_size)
         self.spec = resolve(cfg.spec)
         self.schedule = LRSchedule(**cfg.schedule)
         n = len(data.y_train)
@@ -195,7 +195,7 @@ class _Run:
             raise ValueError("a cosine learning-rate schedule needs --epochs")
         per = min(cfg.evals_per_epoch, self.steps_per_epoch)
         self.eval_positions = {round(j * self.steps_per_epoch / per) for j in range(1, per + 1)}
-        self.device = workers.device(cfg.device)
+        self.device = workers.train_device(cfg.device)
         torch.manual_seed(cfg.seed)
         # `net` is the model itself (preconditioned, checkpointed, evaluated); `model` is
         # what training calls: `net`, or DDP around it on several processes.
@@ -383,7 +383,7 @@ def train_run(
     """
     from tqdm.auto import tqdm
 
-    workers = workers or Workers()
+    workers = workers or Workers.single()
     run_dir = Path(run_dir)
     # Rank 0 looks at the folder and every worker follows its finding.
     finding: tuple[str, Any] = ("start", None)

@@ -22,24 +22,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["Workers", "launch_command"]
+from natgrad.distributed import WorldInfo, init_from_env, world_from_env
+
+__all__ = ["Workers", "check_batch", "launch_command"]
 
 
 @dataclass(frozen=True)
-class Workers:
-    """This process's place among the run's workers.
+class Workers(WorldInfo):
+    """This process's place among the run's workers: :class:`~natgrad.distributed.WorldInfo`
+    (``rank``, ``world_size``, ``local_rank``, ``device``, ``is_main``) and
 
     Attributes:
-        rank: global rank in ``[0, world_size)``.
-        world_size: number of worker processes ``W``.
-        local_rank: rank on this machine (selects the GPU under NCCL).
         local_world_size: workers on this machine (divides the CPU cores between them).
     """
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
     local_world_size: int = 1
+
+    @classmethod
+    def single(cls) -> Workers:
+        """This process alone."""
+        return cls(0, 1, 0, torch.device("cpu"))
 
     @classmethod
     def from_env(cls, device: str = "cpu", timeout_s: float = 600.0) -> Workers:
@@ -49,27 +51,15 @@ class Workers:
         The backend follows ``device``: NCCL for CUDA, gloo otherwise. Collectives fail
         with an error after ``timeout_s`` seconds instead of hanging on a lost worker.
         """
-        from natgrad.distributed import init_from_env, world_from_env
-
-        rank, world, local = world_from_env()
-        if world == 1:
-            return cls()
+        if world_from_env()[1] == 1:
+            return cls.single()
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        init_from_env(backend, timeout_s=timeout_s)
-        local_world = _int_env("LOCAL_WORLD_SIZE", world)
-        return cls(rank, world, local, local_world)
+        info = init_from_env(backend, timeout_s=timeout_s)
+        local_world = _int_env("LOCAL_WORLD_SIZE", info.world_size)
+        return cls(info.rank, info.world_size, info.local_rank, info.device, local_world)
 
     # ------------------------------------------------------------------ who does what
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: prints, shows progress, writes the run's files."""
-        return self.rank == 0
-
-    def device(self, name: str) -> torch.device:
+    def train_device(self, name: str) -> torch.device:
         """The device this worker trains on: ``"cuda"`` becomes ``cuda:LOCAL_RANK``."""
         device = torch.device(name)
         if device.type == "cuda" and device.index is None and self.distributed:
@@ -79,15 +69,6 @@ class Workers:
     def default_threads(self) -> int:
         """CPU threads per worker: the machine's cores shared by its workers."""
         return max(1, (os.cpu_count() or 1) // self.local_world_size)
-
-    def check_batch(self, batch_size: int) -> None:
-        """The global batch must split into equal shares (DDP averages the workers'
-        gradients with equal weights, which is the global mean only for equal shares)."""
-        if batch_size % self.world_size:
-            raise ValueError(
-                f"batch_size {batch_size} does not split evenly over {self.world_size} "
-                f"processes; use a multiple of {self.world_size}"
-            )
 
     def share(self, n: int) -> slice:
         """This worker's rows of a global batch of ``n`` rows (contiguous, rank order)."""
@@ -155,6 +136,14 @@ class Workers:
             if wait:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def check_batch(batch_size: int, processes: int) -> None:
+    """The global batch must split into equal shares (DDP averages the workers' gradients
+    with equal weights, which is the global mean only for equal shares)."""
+    if batch_size % processes:
+        raise ValueError(f"batch_size {batch_size} does not split evenly over {processes} "
+                         f"processes; use a multiple of {processes}")
 
 
 def launch_command(nproc: int, argv: list[str]) -> list[str]:

@@ -1,0 +1,81 @@
+"""Set-up shared by several test modules: a tiny CNN on digits, a plain training loop,
+a recorder of tensor shapes, and running a function on spawned worker processes."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+
+def digits_cnn() -> nn.Module:
+    """Conv 1→4 3×3 (padding 1), ReLU, linear 256→10, for 8×8 digits; seeded."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
+    )
+
+
+def digit_batches(n: int, size: int = 32, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` float64 training batches of scikit-learn's digits, drawn with replacement."""
+    from natgrad.experiments.data import digits
+
+    x, y = digits()[0].tensors
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, len(y), (size,), generator=gen)
+        out.append((x[idx].double(), y[idx]))
+    return out
+
+
+def train(model, pre, opt, data) -> list[float]:
+    """zero_grad, cross-entropy backward, ``pre.step()``, ``opt.step()`` per batch; losses."""
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        pre.step()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+class ShapeRecorder(TorchFunctionMode):
+    """Records the shape of every tensor a torch function returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_and_wait(fn, args: tuple, nprocs: int, deadline_s: float, what: str) -> None:
+    """``fn(rank, *args)`` on ``nprocs`` spawned processes; fail the test (killing them)
+    if they have not all finished after ``deadline_s`` seconds."""
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + deadline_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{what} did not finish within {deadline_s} s")
