@@ -108,9 +108,9 @@ class Workers(WorldInfo):
         """Element-wise sum over workers (a copy; ``values`` itself for one worker)."""
         if not self.distributed:
             return values
-        total = values.clone()
+        total = values.to(self.device, copy=True)  # NCCL reduces device tensors only
         dist.all_reduce(total)
-        return total
+        return total.to(values.device)
 
     def from_main(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every worker (any picklable object)."""
