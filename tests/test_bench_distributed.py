@@ -5,15 +5,19 @@
   process count;
 - a 2-process run interrupted mid-epoch and resumed from rank 0's checkpoint logs exactly
   what the uninterrupted 2-process run logs;
-- a bad ``--nproc`` is refused before any worker starts.
+- a bad ``--nproc`` is refused before any worker starts;
+- a worker that dies stops the whole job with a message, and Ctrl-C stops every worker
+  with one message (no process is left behind).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,7 @@ from helpers import free_port, spawn_and_wait
 from natgrad.cli import main
 from natgrad.experiments.data import load
 from natgrad.experiments.train import RunConfig, read_log, train_run
-from natgrad.experiments.workers import Workers, launch_command
+from natgrad.experiments.workers import Workers, worker_argv
 
 TINY = ["--dataset", "digits", "--model", "mlp", "--batch-size", "64", "--progress", "off",
         "--quiet", "--epochs", "1", "--set", "T_inv=5"]
@@ -129,7 +133,52 @@ def test_bad_nproc_is_refused_before_starting(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_launch_command_drops_nproc():
-    cmd = launch_command(3, ["bench", "--nproc", "3", "--out", "x", "--nproc=3"])
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
-                       "-m", "natgrad", "bench", "--out", "x"]
+def test_worker_argv_drops_nproc():
+    argv = worker_argv(["bench", "--nproc", "3", "--out", "x", "--nproc=3", "--seed", "1"])
+    assert argv == ["bench", "--out", "x", "--seed", "1"]
+
+
+# --------------------------------------------------------------------- stopping the job
+def _start_long_bench(out: Path) -> subprocess.Popen:
+    """A 2-process bench far longer than the test, in its own session (so a signal to its
+    process group is what Ctrl-C in a terminal sends), returned once training runs."""
+    job = subprocess.Popen(
+        [sys.executable, "-m", "natgrad", "bench", *TINY[:-4], "--epochs", "500",
+         "--methods", "sgd", "--out", str(out), "--nproc", "2"],
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    log = out / "runs" / "sgd" / "seed0" / "log.jsonl"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and log.stat().st_size > 0):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.2)
+    return job
+
+
+def _workers_of(job: subprocess.Popen) -> list[int]:
+    out = subprocess.run(["ps", "--ppid", str(job.pid), "-o", "pid="], capture_output=True,
+                         text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def test_a_dying_worker_stops_the_job_with_a_message(tmp_path):
+    job = _start_long_bench(tmp_path)
+    workers = _workers_of(job)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 128 + signal.SIGKILL
+    assert "worker 1 of 2 ended with signal 9; stopping the others" in err
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_ctrl_c_stops_every_worker_and_says_so_once(tmp_path):
+    job = _start_long_bench(tmp_path)
+    workers = _workers_of(job)
+    os.killpg(job.pid, signal.SIGINT)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130
+    assert err.count("interrupted; run the same command with --resume") == 1
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
+
 _EPILOG_HP = """\
 hyperparameters: --lr/--weight-decay/--damping take VALUE (every method that has it) or
 SPEC=VALUE items, comma-separated or repeated (e.g. --lr kfac=0.05,adam=1e-3); --set takes
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="best settings written by `natgrad tune`")
     bench.add_argument("--out", default="results", help="results folder (default: %(default)s)")
     bench.add_argument("--nproc", type=int, default=1, metavar="N",
-                       help="train each run data-parallel on N local processes (torchrun; "
+                       help="train each run data-parallel on N local processes (gloo; "
                        "--batch-size is the global batch). For several machines run "
                        "`torchrun ... -m natgrad bench ...` on each (docs/distributed.md)")
 
@@ -291,11 +292,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _launch_bench(args: argparse.Namespace) -> int:
     """``natgrad bench --nproc N``: check the plan here, then run the same command on N
-    local worker processes under ``torchrun`` and return its exit status."""
-    import subprocess
-
+    local worker processes (:func:`~natgrad.experiments.workers.run_local`) and return
+    the job's exit status."""
     from natgrad.experiments.data import load
-    from natgrad.experiments.workers import check_batch, launch_command
+    from natgrad.experiments.workers import check_batch, run_local
 
     plan = _plan(args, default_epochs=3)
     plan.processes = args.nproc
@@ -304,9 +304,7 @@ def _launch_bench(args: argparse.Namespace) -> int:
         _print_plan(plan)
         return 0
     load(plan.dataset, plan.data_dir, plan.augment)  # a missing dataset fails here, once
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    return subprocess.call(launch_command(args.nproc, args.argv), env=env)
+    return run_local(args.nproc, args.argv)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -367,8 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
-        print("\nnatgrad: interrupted; run the same command with --resume to continue from the "
-              "last epoch checkpoint", file=sys.stderr)
+        from natgrad.experiments.workers import LAUNCHED
+
+        if LAUNCHED not in os.environ and os.environ.get("RANK", "0") == "0":
+            print("\nnatgrad: interrupted; run the same command with --resume to continue from "
+                  "the last epoch checkpoint", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `natgrad ... | head`: stop quietly
         sys.stdout = open(os.devnull, "w")

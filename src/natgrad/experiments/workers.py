@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from natgrad.distributed import WorldInfo, init_from_env, world_from_env
 
-__all__ = ["Workers", "check_batch", "launch_command"]
+__all__ = ["LAUNCHED", "Workers", "check_batch", "run_local", "worker_argv"]
 
 
 @dataclass(frozen=True)
@@ -146,15 +146,14 @@ def check_batch(batch_size: int, processes: int) -> None:
                          f"processes; use a multiple of {processes}")
 
 
-def launch_command(nproc: int, argv: list[str]) -> list[str]:
-    """The ``torchrun`` command that runs ``natgrad ARGV`` on ``nproc`` local processes
-    (``--standalone``: a private rendezvous on a free local port).
+#: Set in the environment of the workers :func:`run_local` starts (their launcher speaks
+#: for them: one "interrupted" message, not one per worker).
+LAUNCHED = "NATGRAD_LAUNCHED_LOCALLY"
 
-    ``--nproc`` is dropped from ``ARGV`` (the workers learn their number from torchrun,
-    and torchrun itself would take ``--nproc`` for an abbreviation of its own options).
-    """
-    import sys
 
+def worker_argv(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` (workers learn their number from the
+    environment)."""
     kept, skip = [], False
     for arg in argv:
         if skip:
@@ -163,8 +162,77 @@ def launch_command(nproc: int, argv: list[str]) -> list[str]:
             skip = True
         elif not arg.startswith("--nproc="):
             kept.append(arg)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", "natgrad", *kept]
+    return kept
+
+
+def run_local(nproc: int, argv: list[str], *, poll_s: float = 0.2) -> int:
+    """Run ``python -m natgrad ARGV`` on ``nproc`` worker processes of this machine,
+    joined by gloo over loopback (the variables torchrun would set: ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``),
+    and return the job's exit status.
+
+    When a worker fails, the others are stopped at once and its status is returned (its
+    own error message is on stderr). On Ctrl-C every worker gets the interrupt; they are
+    waited for and ``KeyboardInterrupt`` is raised here.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    jobs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), **{LAUNCHED: "1"})
+        env.setdefault("OMP_NUM_THREADS", threads)
+        jobs.append(subprocess.Popen([sys.executable, "-m", "natgrad", *worker_argv(argv)],
+                                     env=env))
+
+    def stop(sig: int, wait_s: float) -> None:
+        for job in jobs:
+            if job.poll() is None:
+                job.send_signal(sig)
+        deadline = time.monotonic() + wait_s
+        for job in jobs:
+            try:
+                job.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                job.kill()
+                job.wait()
+
+    try:
+        while True:
+            codes = [job.poll() for job in jobs]
+            failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+            if failed:
+                rank, code = failed[0]
+                how = f"signal {-code}" if code < 0 else f"status {code}"
+                print(f"natgrad: worker {rank} of {nproc} ended with {how}; stopping the others",
+                      file=sys.stderr)
+                stop(signal.SIGTERM, 10.0)
+                return 128 - code if code < 0 else code  # the shell's convention for signals
+            if all(code == 0 for code in codes):
+                return 0
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C has reached every worker already; a signal to this process
+        # alone is passed on after a grace period.
+        deadline = time.monotonic() + 5.0
+        while any(job.poll() is None for job in jobs) and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        stop(signal.SIGINT, 30.0)
+        raise
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _int_env(key: str, default: int) -> int:
