@@ -155,6 +155,28 @@ def test_failed_decomposition_without_previous_inverse_uses_plain_gradient(monke
         assert torch.equal(g, plain[n])
 
 
+@pytest.mark.parametrize("method", ["ekfac", "kfac-eigen"])
+def test_failed_eigendecomposition_is_not_retried_with_more_damping(monkeypatch, method):
+    """The eigen forms decompose the undamped factors: more damping cannot help."""
+    model, x, y = model_and_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pre = (natgrad.EKFAC(model, opt) if method == "ekfac"
+           else natgrad.KFAC(model, opt, inverse="eigen"))
+    calls = []
+
+    def broken(X):
+        calls.append(X.shape)
+        raise linalg.DecompositionError("injected failure")
+
+    for module in ("eigen", "eigen_corrected"):
+        monkeypatch.setattr(f"natgrad.inverses.{module}.symmetric_eigh", broken, raising=False)
+    with pytest.warns(natgrad.NumericalWarning, match=r"inverse update failed \(injected"):
+        run_steps(model, pre, opt, x, y, 1)
+    assert len(calls) == len(pre.layers)  # one attempt per layer, no retries
+    assert not any(layer.inverse.ready for layer in pre.layers.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_eigh_failure_is_a_decomposition_error(monkeypatch):
     def fail(X):
         raise torch.linalg.LinAlgError("did not converge")

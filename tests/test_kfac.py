@@ -162,6 +162,11 @@ def test_configure_validates_and_refreshes_on_new_damping():
     pre.step()  # step 1: not a T_inv step, but the damping changed
     assert not torch.equal(pre.layers["3"].inverse.A_inv, old)
     assert pre.config.damping == 1.0
+    with pytest.raises(ValueError, match="inverse is fixed when the preconditioner is built"):
+        pre.configure(inverse="eigen")
+    assert pre.config.inverse == "factored"
+    pre.configure(inverse="factored", T_cov=5)  # unchanged: allowed with other changes
+    assert pre.config.T_cov == 5
 
 
 def test_kfac_defaults_construct_and_first_step_updates_everything():

@@ -250,6 +250,18 @@ def test_non_finite_batch_leaves_rows_and_generator_untouched():
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_woodbury_is_not_ready_with_only_the_damping():
+    """What a worker holds for a layer it does not own under ``share="gradient"``: the
+    owner's numbers without its tensors. It must not claim to be ready."""
+    inv = WoodburyInverse(torch.float64, torch.device("cpu"))
+    inv.damping = 1e-3
+    assert not inv.ready
+    curv = BatchMatrices((3, 5), torch.float64, torch.device("cpu"))
+    curv.update(natgrad.LayerStats(torch.randn(4, 1, 5), torch.randn(4, 1, 3)), 0.0)
+    inv.refresh(curv, 1e-3)
+    assert inv.ready
+
+
 # ---------------------------------------------------------------- the method
 
 

@@ -163,6 +163,28 @@ def tekfac_block(inv):
     return K @ torch.diag(vec(inv.S)) @ K.T
 
 
+def test_precondition_between_steps_uses_the_dampings_inside_the_inverses():
+    """At a refresh boundary the trace rule would give new ``λ_l``, ``β``; a call of
+    ``precondition()`` there must still use (and keep) those of the last step."""
+    model = tiny_cnn()
+    x, y = data(model)
+    pre = natgrad.TKFAC(model, kl_clip=None, T_cov=1, T_inv=2)
+    for shift in (0.0, 0.5):
+        model.zero_grad()
+        F.cross_entropy(model(x + shift), y).backward()
+        pre.step()
+    in_force = copy.deepcopy(pre._trace_damping)
+    assert pre._trace_rule() != in_force  # the traces moved since the refresh
+    grads = pre.grad_matrices()
+    deltas = pre.precondition(grads)
+    assert pre._trace_damping == in_force
+    dampings, scales = in_force
+    for name, grad in grads.items():
+        inv = pre.layers[name].inverse
+        ref = inv.apply(grad, dampings[name]) / scales[name]
+        torch.testing.assert_close(deltas[name], ref, rtol=0, atol=0)
+
+
 def test_tekfac_theta_is_the_per_sample_second_moment_in_tkfac_eigenbasis():
     model = tiny_cnn()
     x, y = data(model)

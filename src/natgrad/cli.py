@@ -55,7 +55,8 @@ def _add_common(p: argparse.ArgumentParser, *, default_epochs: float) -> None:
                    "unless --minutes is given)")
     g.add_argument("--minutes", type=float, default=None,
                    help="training-clock minutes per run (with --epochs: whichever ends first)")
-    g.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="batch size (default 128, or the preset's)")
     g.add_argument("--lr-schedule", default=None, metavar="SCHEDULE",
                    help="constant | step:every=EPOCHS,gamma=0.1 | step:every_steps=N | "
                    "cosine[:warmup=EPOCHS] (default: constant, or the preset's)")
@@ -103,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="best settings written by `natgrad tune`")
     bench.add_argument("--out", default="results", help="results folder (default: %(default)s)")
     bench.add_argument("--nproc", type=int, default=1, metavar="N",
-                       help="train each run data-parallel on N local processes (gloo; "
-                       "--batch-size is the global batch). For several machines run "
+                       help="train each run data-parallel on N local processes (gloo, or "
+                       "NCCL with --device cuda; --batch-size is the global batch). For "
+                       "several machines run "
                        "`torchrun ... -m natgrad bench ...` on each (docs/distributed.md)")
 
     tune = sub.add_parser(
@@ -247,7 +249,10 @@ def _progress(args: argparse.Namespace) -> bool | None:
 def _print_plan(plan, extra: str = "") -> None:
     import json
 
-    print(json.dumps({k: v for k, v in plan.as_dict().items() if k != "machine"}, indent=2))
+    shown = {k: v for k, v in plan.as_dict().items() if k != "machine"}
+    shown["hyperparameters"] = {m.name: m.resolved(plan.hyperparameters[m.name])
+                                for m in plan.methods}
+    print(json.dumps(shown, indent=2))
     if extra:
         print(extra)
 

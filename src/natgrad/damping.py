@@ -111,8 +111,14 @@ class TraceAdaptiveDamping:
         self, grads: Mapping[str, Tensor], dampings: Mapping[str, float] | None = None
     ) -> dict[str, Tensor]:
         """The base :meth:`~natgrad.Preconditioner.precondition`, then ``Δ_l / β`` for the
-        fully connected layers of a CNN (their block is ``β F̂_l``)."""
-        dampings = self.layer_dampings() if dampings is None else dampings
+        fully connected layers of a CNN (their block is ``β F̂_l``).
+
+        Called between steps without ``dampings``, it uses the ``λ_l`` and ``β`` of the
+        last step (those inside the inverses), and changes nothing.
+        """
+        if dampings is None:
+            cached = getattr(self, "_trace_damping", None)
+            dampings = self.layer_dampings() if cached is None else dict(cached[0])
         deltas = super().precondition(grads, dampings)
         scales = self.block_scales()
         for name in deltas:

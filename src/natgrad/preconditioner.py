@@ -179,7 +179,8 @@ class Preconditioner(ABC):
     def layer_dampings(self) -> dict[str, float]:
         """Damping ``λ_l`` per layer for the coming refresh/apply (default: ``config.damping``).
 
-        Methods with adaptive damping (TKFAC) override this one method.
+        Methods with adaptive damping override it (TKFAC/TEKFAC through
+        :class:`~natgrad.damping.TraceAdaptiveDamping`).
         """
         return {name: self.config.damping for name in self.layers}
 
@@ -187,7 +188,8 @@ class Preconditioner(ABC):
         """Running-average decay of what an inverse strategy fits in its own basis
         (:meth:`InverseStrategy.observe`; default: the curvature's ``config.decay``).
 
-        Methods with a separate decay for it (TEKFAC's ``β₁``) override this one method.
+        Methods with a separate decay for it override it (EKFAC/TEKFAC's ``rescale_decay``,
+        ``004_…``'s ``β₁``, through :class:`~natgrad.methods.ekfac.RescalingSchedule`).
         """
         return self.config.decay
 
@@ -254,8 +256,8 @@ class Preconditioner(ABC):
         outputs; it samples targets from the model's predictive distribution
         (``"categorical"``: logits of shape ``(M, C)``; ``"gaussian"``: unit-variance
         means), backpropagates their loss to the layer outputs only (``.grad`` is not
-        touched) and keeps the graph for your own backward. A no-op on steps that update
-        no curvature, and when ``fisher="empirical"``.
+        touched) and keeps the graph for your own backward. A no-op on steps where no
+        statistics are recorded, and when ``fisher="empirical"``.
         """
         if self.fisher != "mc" or not self._capture.active:
             return
@@ -347,7 +349,8 @@ class Preconditioner(ABC):
     def _refresh(self, name: str, layer: _Layer, damping: float) -> None:
         if not layer.curvature.initialized:
             return
-        for factor in (1.0, *_RETRY_DAMPING):
+        factors = (1.0, *_RETRY_DAMPING) if layer.inverse.damping_in_refresh else (1.0,)
+        for factor in factors:
             try:
                 layer.inverse.refresh(layer.curvature, damping * factor)
             except DecompositionError as err:
@@ -362,11 +365,11 @@ class Preconditioner(ABC):
                 )
             return
         fallback = "the previous inverse" if layer.inverse.ready else "the plain gradient"
+        tried = f" even with damping {damping * factors[-1]:g}" if len(factors) > 1 else ""
         self._warn_once(
             name,
             "refresh",
-            f"layer {name!r}: inverse update failed even with damping "
-            f"{damping * _RETRY_DAMPING[-1]:g} ({last}); using {fallback}",
+            f"layer {name!r}: inverse update failed{tried} ({last}); using {fallback}",
         )
 
     def _warn_once(self, name: str, kind: str, message: str) -> None:

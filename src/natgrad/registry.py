@@ -1,6 +1,7 @@
 """Methods by name, and the pairing of a method with an update rule.
 
-``METHODS[name](model)`` builds a method with its paper defaults. Register a new method
+``METHODS[name](model)`` builds a method with its defaults (its paper's, except K-FAC's
+measured damping 0.1: docs/defaults.md). Register a new method
 by adding its class here (or ``METHODS["mine"] = Mine`` from user code).
 """
 

@@ -4,7 +4,7 @@
 The model is wrapped in ``torch.nn.parallel.DistributedDataParallel`` as usual, so every
 worker's ``.grad`` is the global batch-mean gradient before :meth:`Preconditioner.step`.
 The preconditioner then calls this object (its sharing strategy, natgrad/sharing.py) at
-three points of its step:
+four points of its step:
 
 1. **factor updates** (every ``T_cov``): each layer's curvature folds in this worker's rows
    and is made the global batch's by :meth:`Curvature.update_across` (default: a weighted
@@ -13,7 +13,9 @@ three points of its step:
    (:func:`~natgrad.distributed.balance`) refreshes its inverse; with ``share="inverse"``
    the owner then broadcasts :meth:`InverseStrategy.broadcast_keys`, so every worker keeps
    every inverse; with ``share="gradient"`` the inverse stays with its owner;
-3. **after preconditioning** (every step, ``share="gradient"`` only): each owner
+3. **observations** (every ``T_s``, EKFAC/TEKFAC): each worker folds its rows into the
+   re-scaling in the shared basis, averaged by :meth:`InverseStrategy.observe_across`;
+4. **after preconditioning** (every step, ``share="gradient"`` only): each owner
    broadcasts its layers' ``Δ``.
 
 ``share="inverse"`` trades memory (every worker stores every inverse) for less traffic

@@ -93,6 +93,18 @@ class MethodSpec:
         config = natgrad.METHODS[self.method].config_class
         return set(_COMMON) | {f.name for f in dataclasses.fields(config)}
 
+    def resolved(self, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+        """Every hyperparameter a run of this spec uses: ``hyperparameters`` over the
+        method's config defaults (``T_cov``, ``T_inv``, ...), for display."""
+        if self.method is None:
+            return dict(hyperparameters)
+        config = natgrad.METHODS[self.method].config_class
+        known = {f.name for f in dataclasses.fields(config)}
+        defaults = dataclasses.asdict(config(**{k: v for k, v in hyperparameters.items()
+                                                if k in known}))
+        return {**dict(hyperparameters), **{k: v for k, v in defaults.items()
+                                            if k not in hyperparameters}}
+
     def build(self, model: nn.Module, hyperparameters: Mapping[str, Any], seed: int = 0,
               distributed: Any = None):
         """``(preconditioner or None, optimizer)`` for ``model``.

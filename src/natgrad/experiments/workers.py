@@ -167,7 +167,7 @@ def worker_argv(argv: list[str]) -> list[str]:
 
 def run_local(nproc: int, argv: list[str], *, poll_s: float = 0.2) -> int:
     """Run ``python -m natgrad ARGV`` on ``nproc`` worker processes of this machine,
-    joined by gloo over loopback (the variables torchrun would set: ``RANK``,
+    joined over loopback (gloo, or NCCL for CUDA; the variables torchrun would set: ``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``),
     and return the job's exit status.
 

@@ -38,6 +38,10 @@ class InverseStrategy(Stateful, ABC):
 
     #: Steps between calls of :meth:`observe`; ``None`` for strategies that need none.
     observe_every: int | None = None
+    #: Whether :meth:`refresh` depends on the damping. If it does, a failed refresh is
+    #: retried with more damping; a decomposition of the undamped factors (the eigen
+    #: forms) would only fail again.
+    damping_in_refresh: bool = True
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype = dtype

@@ -28,6 +28,7 @@ class EigenInverse(InverseStrategy):
     """
 
     _state_keys = ("Q_A", "alpha", "Q_G", "gamma", "pi")
+    damping_in_refresh = False
 
     def __init__(self, *args, damping_mode: str = "exact", **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -46,6 +46,7 @@ class EigenCorrectedInverse(InverseStrategy):
     """
 
     _state_keys = ("Q_A", "Q_G", "S", "fresh_basis")
+    damping_in_refresh = False
 
     def __init__(self, *args, observe_every: int = 10, **kwargs) -> None:
         super().__init__(*args, **kwargs)

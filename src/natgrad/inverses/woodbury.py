@@ -133,7 +133,9 @@ class WoodburyInverse(InverseStrategy):
 
     @property
     def ready(self) -> bool:
-        return self.damping is not None
+        # The tensors, not just the damping: under share="gradient" a worker receives the
+        # owner's numbers (the damping) without its tensors.
+        return self.damping is not None and (self.inv_A is not None or self.Y_A is not None)
 
     @staticmethod
     def _factor(Y: Tensor, damping: float) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
