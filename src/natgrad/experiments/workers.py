@@ -15,16 +15,24 @@ code path.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
-from natgrad.distributed import WorldInfo, init_from_env, world_from_env
+from natgrad.distributed import DataParallel, WorldInfo, init_from_env, world_from_env
 
 __all__ = ["LAUNCHED", "Workers", "check_batch", "run_local", "worker_argv"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,21 +94,17 @@ class Workers(WorldInfo):
         (gradients averaged during ``backward``), or ``module`` itself for one worker."""
         if not self.distributed:
             return module
-        from torch.nn.parallel import DistributedDataParallel
-
         device = next(module.parameters()).device
         return DistributedDataParallel(
             module, device_ids=[device] if device.type == "cuda" else None
         )
 
-    def preconditioner_sharing(self) -> Any:
+    def preconditioner_sharing(self) -> DataParallel | None:
         """What K-FAC-family preconditioners get as ``distributed=``: a
         :class:`natgrad.distributed.DataParallel` (every worker keeps every inverse, so
         rank 0's checkpoint serves all) or ``None`` for one worker."""
         if not self.distributed:
             return None
-        from natgrad.distributed import DataParallel
-
         return DataParallel(share="inverse")
 
     # ------------------------------------------------------------------ collectives
@@ -112,7 +116,7 @@ class Workers(WorldInfo):
         dist.all_reduce(total)
         return total.to(values.device)
 
-    def from_main(self, obj: Any) -> Any:
+    def from_main(self, obj: T) -> T:
         """Rank 0's ``obj`` on every worker (any picklable object)."""
         if not self.distributed:
             return obj
@@ -175,11 +179,6 @@ def run_local(nproc: int, argv: list[str], *, poll_s: float = 0.2) -> int:
     own error message is on stderr). On Ctrl-C every worker gets the interrupt; they are
     waited for and ``KeyboardInterrupt`` is raised here.
     """
-    import signal
-    import subprocess
-    import sys
-    import time
-
     port = _free_port()
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
     jobs = []
@@ -228,8 +227,6 @@ def run_local(nproc: int, argv: list[str], *, poll_s: float = 0.2) -> int:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
