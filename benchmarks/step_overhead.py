@@ -3,10 +3,16 @@
 On the Fashion-MNIST CNN (conv 1→32 5×5, pool; conv 32→64 5×5, pool; linear 3136→256;
 linear 256→10), batch 128, 2 threads, it prints:
 
-* SGD ms/iter (SGD-momentum, the baseline; timed before and after the methods);
+* SGD ms/iter (SGD-momentum, the baseline; timed before the methods and after each round
+  of them, best block kept);
 * per method: SGD-behind-the-method ms/iter amortized over one full ``T_inv`` cycle
-  (each method's own schedule; K-FAC's ``T_cov = 10``, ``T_inv = 100``), its ratio to SGD,
-  and the split of that time into forward+backward (with capture hooks), row capture,
+  (each method's own schedule; K-FAC's ``T_cov = 10``, ``T_inv = 100``; with
+  ``--repeats N``, the best of N cycles, interleaved with the SGD blocks, so that load
+  from other processes — which only ever adds time — shows less), its ratio to that SGD
+  figure (``× SGD``) and to a plain SGD twin stepped on the same batches, interleaved step
+  by step with the method, over all its cycles (``× twin``: both under the same load, the
+  steadier figure on a shared machine), and the split of that time into
+  forward+backward (with capture hooks), row capture,
   curvature update, inverse update, preconditioning and the rest (KL clip, writes,
   optimizer);
 * per layer: the time of one curvature (factor) update and one inverse update.
@@ -15,7 +21,8 @@ SM-KFAC switches to its cheap rank-one phase after ``k`` full inverse updates (`
 by default, i.e. after 1000 steps); so that the timed cycle is its steady state, it is
 built with ``k = 1`` here (override with ``--set smkfac.k=10``).
 
-Usage: ``python benchmarks/step_overhead.py [--methods kfac,ekfac] [--set m.field=v] [--json]``
+Usage: ``python benchmarks/step_overhead.py [--methods kfac,ekfac] [--repeats N]
+[--set m.field=v] [--json]``
 """
 
 from __future__ import annotations
@@ -84,11 +91,19 @@ def time_sgd(data, steps: int, lr: float) -> float:
     return _loop(model, None, opt, data, steps, warmup=5)[0]
 
 
-def _loop(model, pre, opt, data, steps, warmup, split: Split | None = None):
+def _loop(model, pre, opt, data, steps, warmup, split: Split | None = None, twin=None):
+    """Train ``steps`` timed steps (after ``warmup``); ms/iter and the last loss.
+
+    ``twin``: a ``(model, optimizer)`` pair of plain SGD-momentum stepped on the same batch
+    right after every timed step, so that both see the same load from other processes;
+    its ms/iter is returned third (its time is not counted in the first).
+    """
     it = iter(data)
+    twin_seconds = 0.0
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
+            twin_seconds = 0.0
             if split is not None:
                 split.seconds.clear()
         x, y = next(it)
@@ -102,47 +117,62 @@ def _loop(model, pre, opt, data, steps, warmup, split: Split | None = None):
         if pre is not None:
             pre.step()
         opt.step()
-    total = time.perf_counter() - t0
-    return total / steps * 1e3, loss.item()
+        if twin is not None and i >= warmup:
+            tt = time.perf_counter()
+            twin_model, twin_opt = twin
+            twin_opt.zero_grad(set_to_none=True)
+            F.cross_entropy(twin_model(x), y).backward()
+            twin_opt.step()
+            twin_seconds += time.perf_counter() - tt
+    total = time.perf_counter() - t0 - twin_seconds
+    return total / steps * 1e3, loss.item(), twin_seconds / steps * 1e3
 
 
 #: Per-method settings that make one warm-up cycle reach the method's steady state.
 STEADY_STATE = {"smkfac": {"k": 1}}
 
 
-def time_method(name: str, data, lr: float, overrides: dict) -> dict:
+def method_cycles(name: str, data, lr: float, overrides: dict):
+    """Build ``name`` behind SGD-momentum, warm it up, then time one cycle per ``next``.
+
+    The first item is ``{"pre", "model"}`` (for the per-layer costs); every later one holds
+    ``ms_per_iter``, ``split_ms_per_iter`` and ``final_loss`` of one full ``T_inv`` cycle,
+    and ``paired_sgd_ms_per_iter``: a plain SGD-momentum twin stepped on the same batches,
+    interleaved step by step, so that the ratio of the two is measured under one load.
+    """
     torch.manual_seed(0)
     model = fmnist_cnn()
     pre, opt = natgrad.build(f"{name}+sgd", model, lr=lr, **overrides)
     cycle = pre.config.T_inv
-    # Warm up through a full cycle first, so that the timed cycle is a steady-state one
+    # Warm up through a full cycle first, so that every timed cycle is a steady-state one
     # that starts with an inverse update (step T_inv) like every later cycle.
     _loop(model, pre, opt, data, cycle, warmup=0)
-    split = Split()
     layer = next(iter(pre.layers.values()))
-    split.wrap(LayerCapture, "pop", "capture")
-    split.wrap(type(layer.curvature), "update", "curvature update")
-    split.wrap(type(layer.inverse), "refresh", "inverse update")
-    split.wrap(type(layer.inverse), "observe", "inverse observe")
-    split.wrap(type(layer.inverse), "apply", "preconditioning")
-    try:
-        ms, loss = _loop(model, pre, opt, data, cycle, warmup=0, split=split)
-    finally:
-        split.restore()
-    accounted = sum(split.seconds.values())
-    phases = {k: v / cycle * 1e3 for k, v in split.seconds.items() if v > 0}
-    phases["rest (clip, writes, optimizer)"] = max(0.0, ms - accounted / cycle * 1e3)
-    per_layer = per_layer_costs(pre, model, data)
-    return {
-        "ms_per_iter": ms,
-        "cycle_steps": cycle,
-        "T_cov": pre.config.T_cov,
-        "T_inv": pre.config.T_inv,
-        "split_ms_per_iter": phases,
-        "per_layer_ms": per_layer,
-        "final_loss": loss,
-        "overrides": overrides,
-    }
+    torch.manual_seed(0)
+    twin_model = fmnist_cnn()
+    twin = (twin_model, natgrad.build("sgd", twin_model, lr=lr)[1])
+    _loop(twin_model, None, twin[1], data, 5, warmup=0)
+    yield {"pre": pre, "model": model}
+    while True:
+        split = Split()
+        split.wrap(LayerCapture, "pop", "capture")
+        split.wrap(type(layer.curvature), "update", "curvature update")
+        split.wrap(type(layer.inverse), "refresh", "inverse update")
+        split.wrap(type(layer.inverse), "observe", "inverse observe")
+        split.wrap(type(layer.inverse), "apply", "preconditioning")
+        try:
+            ms, loss, sgd_ms = _loop(model, pre, opt, data, cycle, warmup=0, split=split, twin=twin)
+        finally:
+            split.restore()
+        accounted = sum(split.seconds.values())
+        phases = {k: v / cycle * 1e3 for k, v in split.seconds.items() if v > 0}
+        phases["rest (clip, writes, optimizer)"] = max(0.0, ms - accounted / cycle * 1e3)
+        yield {
+            "ms_per_iter": ms,
+            "paired_sgd_ms_per_iter": sgd_ms,
+            "split_ms_per_iter": phases,
+            "final_loss": loss,
+        }
 
 
 def per_layer_costs(pre, model, data, repeats: int = 3) -> dict:
@@ -189,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sgd-steps", type=int, default=50)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="timed cycles per method (and SGD blocks + 1), interleaved; the best is kept",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of tables"
     )
     parser.add_argument(
@@ -200,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        parser.error(f"--repeats: must be at least 1, got {args.repeats}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in natgrad.METHODS:
@@ -220,41 +256,66 @@ def main(argv: list[str] | None = None) -> int:
     def data():
         return batches(10**6, args.batch_size)
 
-    sgd_before = time_sgd(data(), args.sgd_steps, args.lr)
+    # SGD blocks and method cycles interleave (SGD, every method, SGD, ...) and each
+    # figure is the best of its repeats: load from other processes only ever adds time.
+    runs = {m: method_cycles(m, data(), args.lr, overrides[m]) for m in methods}
+    built = {m: next(run) for m, run in runs.items()}
+    sgd_blocks = [time_sgd(data(), args.sgd_steps, args.lr)]
+    cycles: dict[str, list[dict]] = {m: [] for m in methods}
+    for _ in range(args.repeats):
+        for m in methods:
+            cycles[m].append(next(runs[m]))
+        sgd_blocks.append(time_sgd(data(), args.sgd_steps, args.lr))
+    sgd = min(sgd_blocks)
     results = {}
     for m in methods:
-        results[m] = time_method(m, data(), args.lr, overrides[m])
+        best = min(cycles[m], key=lambda c: c["ms_per_iter"])
+        pre = built[m]["pre"]
+        paired = sum(c["ms_per_iter"] for c in cycles[m]) / sum(
+            c["paired_sgd_ms_per_iter"] for c in cycles[m]
+        )
+        results[m] = {
+            **best,
+            "ms_per_iter_cycles": [c["ms_per_iter"] for c in cycles[m]],
+            "paired_sgd_ms_per_iter_cycles": [c["paired_sgd_ms_per_iter"] for c in cycles[m]],
+            "ratio_to_sgd": best["ms_per_iter"] / sgd,
+            "ratio_to_paired_sgd": paired,
+            "cycle_steps": pre.config.T_inv,
+            "T_cov": pre.config.T_cov,
+            "T_inv": pre.config.T_inv,
+            "per_layer_ms": per_layer_costs(pre, built[m]["model"], data()),
+            "overrides": overrides[m],
+        }
         if not args.json:
             print(f"timed {m}", file=sys.stderr)
-    sgd_after = time_sgd(data(), args.sgd_steps, args.lr)
-    sgd = (sgd_before + sgd_after) / 2
-    for r in results.values():
-        r["ratio_to_sgd"] = r["ms_per_iter"] / sgd
     report = {
         "model": "fmnist_cnn",
         "batch_size": args.batch_size,
         "threads": args.threads,
+        "repeats": args.repeats,
         "sgd_ms_per_iter": sgd,
-        "sgd_ms_per_iter_before_after": [sgd_before, sgd_after],
+        "sgd_ms_per_iter_blocks": sgd_blocks,
         "methods": results,
     }
     if args.json:
         print(json.dumps(report))
         return 0
+    blocks = ", ".join(f"{b:.1f}" for b in sgd_blocks)
     print(
-        f"SGD-momentum: {sgd:.1f} ms/iter (before {sgd_before:.1f}, after {sgd_after:.1f}); "
-        f"batch {args.batch_size}, {args.threads} threads"
+        f"SGD-momentum: {sgd:.1f} ms/iter (best of {blocks}); "
+        f"batch {args.batch_size}, {args.threads} threads, best of {args.repeats} cycle(s)"
     )
     print(
-        f"\n{'method':<8} {'T_cov/T_inv':>11} {'ms/iter':>8} {'× SGD':>6}"
+        f"\n{'method':<8} {'T_cov/T_inv':>11} {'ms/iter':>8} {'× SGD':>6} {'× twin':>6}"
         "   split (ms/iter, amortized)"
     )
     for m, r in results.items():
         split = ", ".join(f"{k} {v:.1f}" for k, v in r["split_ms_per_iter"].items())
         print(
             f"{m:<8} {r['T_cov']:>5}/{r['T_inv']:<5} {r['ms_per_iter']:>8.1f} "
-            f"{r['ratio_to_sgd']:>6.2f}   {split}"
+            f"{r['ratio_to_sgd']:>6.2f} {r['ratio_to_paired_sgd']:>6.2f}   {split}"
         )
+    print("× twin: against a plain SGD twin stepped on the same batches, interleaved step by step")
     print("\nper layer: one curvature update / one inverse update (ms)")
     for m, r in results.items():
         cells = "; ".join(

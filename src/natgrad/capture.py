@@ -32,6 +32,9 @@ class LayerStats:
     Attributes:
         a: input rows ``ā``, shape ``(M, P, d_in')``.
         g: per-sample output-gradient rows ``g``, shape ``(M, P, d_out)``.
+
+    The rows may share memory with the recorded layer input or output gradient (no copy
+    is made where none is needed): treat them as read-only, and copy what you keep.
     """
 
     a: Tensor
@@ -55,6 +58,13 @@ class _Record:
     def __init__(self, x: Tensor) -> None:
         self.x = x
         self.grad: Tensor | None = None
+
+
+def _concat(parts: list[Tensor]) -> Tensor:
+    """``torch.cat`` along the batch, without the copy ``cat`` makes of a single part (the
+    usual case: one forward pass per step, whose conv patch rows are the largest tensor
+    of the step)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class LayerCapture:
@@ -119,7 +129,7 @@ class LayerCapture:
                 if self.loss_reduction == "mean":
                     g = g * g.shape[0]
                 g_parts.append(g)
-            stats[name] = LayerStats(torch.cat(a_parts), torch.cat(g_parts))
+            stats[name] = LayerStats(_concat(a_parts), _concat(g_parts))
         return stats
 
     def clear(self) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "Conv2dHandler",
     "LAYER_HANDLERS",
     "handler_for",
+    "patch_rows",
 ]
 
 
@@ -104,6 +105,49 @@ class LinearHandler:
         return module.out_features, module.in_features + int(_has_bias(module))
 
 
+def patch_rows(
+    x: Tensor,
+    kernel_size: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[int, int],
+    stride: tuple[int, int],
+    homogeneous: bool,
+) -> Tensor:
+    """Unfolded patches ``⟦a⟧`` of ``x`` ``(M, c_in, H, W)`` as rows ``(M, |T|, d_in')``.
+
+    Row ``t`` of sample ``i`` is the patch under output position ``t`` (row-major over the
+    output grid), its features in ``F.unfold``'s order ``(c_in, k_h, k_w)`` (the order of
+    the reshaped weight ``c_out × (c_in·k_h·k_w)``), followed by a 1 when ``homogeneous``.
+    Equal to ``F.unfold(x, ...).transpose(1, 2)`` with the ones column appended, but the
+    patches are gathered from a strided window view straight into their final layout:
+    ``F.unfold`` and the transpose/append would each write the whole ``(M, |T|, d_in')``
+    block once more, and on statistics steps that block is the largest tensor there is.
+    """
+    (k_h, k_w), (d_h, d_w), (p_h, p_w), (s_h, s_w) = kernel_size, dilation, padding, stride
+    if p_h or p_w:
+        x = F.pad(x, (p_w, p_w, p_h, p_h))
+    m, c_in, height, width = x.shape
+    out_h = (height - d_h * (k_h - 1) - 1) // s_h + 1
+    out_w = (width - d_w * (k_w - 1) - 1) // s_w + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"x: a padded input of {height}×{width} is smaller than the dilated kernel "
+            f"{d_h * (k_h - 1) + 1}×{d_w * (k_w - 1) + 1}; it has no output positions"
+        )
+    st_m, st_c, st_h, st_w = x.stride()
+    windows = x.as_strided(
+        (m, out_h, out_w, c_in, k_h, k_w),
+        (st_m, st_h * s_h, st_w * s_w, st_c, st_h * d_h, st_w * d_w),
+        x.storage_offset(),
+    )
+    d_in = c_in * k_h * k_w
+    rows = x.new_empty(m, out_h * out_w, d_in + int(homogeneous))
+    rows[..., :d_in].unflatten(2, (c_in, k_h, k_w)).unflatten(1, (out_h, out_w)).copy_(windows)
+    if homogeneous:
+        rows[..., d_in] = 1
+    return rows
+
+
 def _same_padding(module: nn.Conv2d) -> tuple[int, int] | None:
     pads = []
     for k, d in zip(module.kernel_size, module.dilation):
@@ -136,15 +180,14 @@ class Conv2dHandler:
     def input_rows(self, module: nn.Module, x: Tensor) -> Tensor:
         if x.dim() == 3:
             x = x.unsqueeze(0)
-        patches = F.unfold(
+        return patch_rows(
             x,
             kernel_size=module.kernel_size,
             dilation=module.dilation,
             padding=self._padding(module),
             stride=module.stride,
-        )  # (M, c_in·k_h·k_w, |T|)
-        rows = patches.transpose(1, 2)
-        return _append_ones(rows) if _has_bias(module) else rows
+            homogeneous=_has_bias(module),
+        )
 
     def output_grad_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         g = grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)

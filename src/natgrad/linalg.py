@@ -13,6 +13,8 @@ from torch import Tensor
 
 __all__ = [
     "DecompositionError",
+    "all_finite",
+    "gram",
     "input_factor",
     "output_factor",
     "running_average",
@@ -29,19 +31,75 @@ class DecompositionError(RuntimeError):
     """A Cholesky or eigendecomposition failed or produced non-finite values."""
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (``torch.isfinite(t).all()``), cheaply.
+
+    A floating-point sum is finite only if every term is (NaN and ±Inf survive any
+    further addition), so one reduction decides the usual case without the element-wise
+    test's mask, which costs several passes over ``t``; only a non-finite sum — a NaN/Inf
+    entry, or finite entries whose sum overflows — falls back to the exact test.
+    """
+    if t.numel() == 0:
+        return True
+    if torch.isfinite(t.sum()).item():
+        return True
+    return bool(torch.isfinite(t).all().item())
+
+
+#: :func:`gram` splits ``d`` into this many column blocks when it exploits symmetry.
+GRAM_BLOCKS = 4
+#: :func:`gram` exploits symmetry only for at least this many columns ``d`` and
+#: at least as many rows as columns; below that the saved flops do not pay for the
+#: extra, smaller products and the mirrored copy. Measured on the 2-core project machine,
+#: float32, fused running average: 25 088 × 801 (the CNN's conv2) 122 → 87 ms, 8192 × 577
+#: 22 → 16 ms, 600 × 512 1.8 → 1.3 ms, 1024 × 400 no gain.
+GRAM_MIN_COLUMNS = 384
+
+
+def gram(
+    rows: Tensor, alpha: float = 1.0, *, acc: Tensor | None = None, beta: float = 0.0
+) -> Tensor:
+    """``β·acc + α·rowsᵀrows`` for ``rows`` ``(n, d)``: a ``(d, d)`` symmetric matrix.
+
+    ``acc`` (``(d, d)``, symmetric; ignored when ``β = 0``) folds a running average into
+    the same pass, ``X ← ε X + (1−ε) X_batch`` with ``α = (1−ε)·scale``, ``β = ε``, instead
+    of forming ``X_batch`` and then a second ``(d, d)`` tensor for the average.
+
+    For tall ``rows`` (``n ≥ d ≥`` :data:`GRAM_MIN_COLUMNS`, e.g. a conv layer's patch rows)
+    only the blocks on and above the diagonal are multiplied — ``(k+1)/2k`` of the flops
+    with ``k`` = :data:`GRAM_BLOCKS` blocks — and the blocks below are their transposes.
+    """
+    n, d = rows.shape
+    accumulate = acc is not None and beta != 0.0
+    if d < GRAM_MIN_COLUMNS or n < d:
+        if accumulate:
+            return torch.addmm(acc, rows.T, rows, beta=beta, alpha=alpha)
+        out = rows.T @ rows
+        return out if alpha == 1.0 else out.mul_(alpha)
+    out = torch.empty(d, d, dtype=rows.dtype, device=rows.device)
+    edges = [round(d * j / GRAM_BLOCKS) for j in range(GRAM_BLOCKS + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        block = out[lo:hi, lo:]  # block row: its diagonal block and everything right of it
+        if accumulate:
+            block.copy_(acc[lo:hi, lo:])
+        block.addmm_(rows[:, lo:hi].T, rows[:, lo:], beta=beta if accumulate else 0.0, alpha=alpha)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        out[hi:, lo:hi].copy_(out[lo:hi, hi:].T)
+    return out
+
+
 def input_factor(a: Tensor) -> Tensor:
     """``A = (1/M) Σ_i Σ_t ā_{i,t} ā_{i,t}ᵀ`` from rows ``a`` of shape ``(M, P, d_in')``.
 
     MATH.md, K-FAC: the sum over positions ``t`` is *not* normalised (KFC's convention).
     """
-    flat = a.reshape(-1, a.shape[-1])
-    return (flat.T @ flat).div_(a.shape[0])
+    return gram(a.reshape(-1, a.shape[-1])).div_(a.shape[0])
 
 
 def output_factor(g: Tensor) -> Tensor:
     """``G = (1/(M|T|)) Σ_i Σ_t g_{i,t} g_{i,t}ᵀ`` from rows ``g`` of shape ``(M, P, d_out)``."""
     flat = g.reshape(-1, g.shape[-1])
-    return (flat.T @ flat).div_(flat.shape[0])
+    return gram(flat).div_(flat.shape[0])
 
 
 def running_average(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
@@ -70,12 +128,13 @@ def damped_inverse(X: Tensor, shift: float) -> Tensor:
     Raises:
         DecompositionError: the shifted matrix is not numerically positive definite.
     """
-    eye = torch.eye(X.shape[0], dtype=X.dtype, device=X.device)
-    L, info = torch.linalg.cholesky_ex(X + shift * eye)
+    shifted = X.clone()
+    shifted.diagonal().add_(shift)
+    L, info = torch.linalg.cholesky_ex(shifted)
     if info.item() != 0:
         raise DecompositionError(f"Cholesky failed at minor {info.item()} (shift {shift:g})")
     inv = torch.cholesky_inverse(L)
-    if not torch.isfinite(inv).all():
+    if not all_finite(inv):
         raise DecompositionError("inverse has non-finite entries")
     return inv
 
@@ -90,7 +149,7 @@ def symmetric_eigh(X: Tensor) -> tuple[Tensor, Tensor]:
         evals, evecs = torch.linalg.eigh(X)
     except RuntimeError as err:  # LAPACK did not converge
         raise DecompositionError(str(err)) from err
-    if not (torch.isfinite(evals).all() and torch.isfinite(evecs).all()):
+    if not (all_finite(evals) and all_finite(evecs)):
         raise DecompositionError("eigendecomposition has non-finite entries")
     return evals.clamp_min(0.0), evecs
 

@@ -32,7 +32,7 @@ from .config import PreconditionerConfig
 from .curvature import Curvature, NonFiniteStatistics
 from .inverses import InverseStrategy
 from .layers import LayerHandler, grad_matrix, handler_for, write_grad_matrix
-from .linalg import DecompositionError, kl_clip_scale
+from .linalg import DecompositionError, all_finite, kl_clip_scale
 from .sharing import Local
 
 if TYPE_CHECKING:
@@ -406,7 +406,7 @@ class Preconditioner(ABC):
                 out[name] = grad
                 continue
             delta = layer.inverse.apply(grad.to(layer.inverse.dtype), dampings[name])
-            if not torch.isfinite(delta).all():
+            if not all_finite(delta):
                 if torch.isfinite(grad).all():
                     self._warn_once(
                         name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..capture import LayerStats
-from ..linalg import input_factor, output_factor, running_average
+from ..linalg import all_finite, gram, input_factor, output_factor
 from .base import Curvature, check_finite
 
 __all__ = ["KroneckerFactors"]
@@ -31,10 +31,21 @@ class KroneckerFactors(Curvature):
 
     def update(self, stats: LayerStats, decay: float) -> None:
         stats = stats.to(self.dtype)
-        A_batch, G_batch = input_factor(stats.a), output_factor(stats.g)
-        check_finite(A_batch, G_batch)
-        self.A = running_average(self.A, A_batch, decay)
-        self.G = running_average(self.G, G_batch, decay)
+        if self.A is None or decay == 0.0:
+            A, G = input_factor(stats.a), output_factor(stats.g)
+            check_finite(A, G)
+        else:
+            # ε X + (1−ε) X_batch in one product per factor (no X_batch, no second copy).
+            a = stats.a.reshape(-1, stats.a.shape[-1])
+            g = stats.g.reshape(-1, stats.g.shape[-1])
+            keep = 1.0 - decay
+            A = gram(a, keep / stats.batch_size, acc=self.A, beta=decay)
+            G = gram(g, keep / g.shape[0], acc=self.G, beta=decay)
+            if not (all_finite(A) and all_finite(G)):
+                # Rare: a non-finite batch (raise, state untouched) or an already
+                # non-finite state (kept as the formula gives it); only the batch tells.
+                check_finite(input_factor(stats.a), output_factor(stats.g))
+        self.A, self.G = A, G
 
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.A, self.G

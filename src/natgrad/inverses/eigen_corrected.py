@@ -13,9 +13,8 @@ from torch import Tensor
 
 from ..capture import LayerStats
 from ..config import check_positive_int
-from ..curvature import Curvature
-from ..curvature.base import check_finite
-from ..linalg import eigen_precondition, running_average, symmetric_eigh
+from ..curvature import Curvature, NonFiniteStatistics
+from ..linalg import all_finite, eigen_precondition, running_average, symmetric_eigh
 from ..persample import basis_second_moment
 from .base import InverseStrategy
 
@@ -71,7 +70,8 @@ class EigenCorrectedInverse(InverseStrategy):
     def observe(self, stats: LayerStats, decay: float) -> None:
         stats = stats.to(self.dtype)
         S_batch = basis_second_moment(stats.a, stats.g, self.Q_A, self.Q_G)
-        check_finite(S_batch)
+        if not all_finite(S_batch):
+            raise NonFiniteStatistics("batch statistics contain NaN or Inf")
         self.S = running_average(None if self.fresh_basis else self.S, S_batch, decay)
         self.fresh_basis = False
 
