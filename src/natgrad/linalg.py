@@ -21,6 +21,7 @@ __all__ = [
     "factored_damping_pi",
     "damped_inverse",
     "symmetric_eigh",
+    "kronecker_eigenbases",
     "kron_precondition",
     "eigen_precondition",
     "kl_clip_scale",
@@ -152,6 +153,18 @@ def symmetric_eigh(X: Tensor) -> tuple[Tensor, Tensor]:
     if not (all_finite(evals) and all_finite(evecs)):
         raise DecompositionError("eigendecomposition has non-finite entries")
     return evals.clamp_min(0.0), evecs
+
+
+def kronecker_eigenbases(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(α, Q_A, γ, Q_G)`` with ``A = Q_A diag(α) Q_Aᵀ`` and ``G = Q_G diag(γ) Q_Gᵀ``: the
+    eigenbasis of ``A ⊗ G`` (MATH.md, K-FAC eigen form; EKFAC), by :func:`symmetric_eigh`.
+
+    Raises:
+        DecompositionError: either decomposition failed.
+    """
+    alpha, Q_A = symmetric_eigh(A)
+    gamma, Q_G = symmetric_eigh(G)
+    return alpha, Q_A, gamma, Q_G
 
 
 def kron_precondition(G_inv: Tensor, V: Tensor, A_inv: Tensor) -> Tensor:

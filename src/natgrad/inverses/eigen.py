@@ -7,7 +7,7 @@ import math
 from torch import Tensor
 
 from ..curvature import Curvature
-from ..linalg import eigen_precondition, factored_damping_pi, symmetric_eigh
+from ..linalg import eigen_precondition, factored_damping_pi, kronecker_eigenbases
 from .base import InverseStrategy
 
 __all__ = ["EigenInverse"]
@@ -47,8 +47,7 @@ class EigenInverse(InverseStrategy):
 
     def refresh(self, curvature: Curvature, damping: float) -> None:
         A, G = curvature.factors()
-        alpha, Q_A = symmetric_eigh(A)
-        gamma, Q_G = symmetric_eigh(G)
+        alpha, Q_A, gamma, Q_G = kronecker_eigenbases(A, G)
         self.pi = factored_damping_pi(A, G)
         self.alpha, self.Q_A, self.gamma, self.Q_G = alpha, Q_A, gamma, Q_G
 

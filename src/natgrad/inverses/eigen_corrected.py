@@ -14,7 +14,7 @@ from torch import Tensor
 from ..capture import LayerStats
 from ..config import check_positive_int
 from ..curvature import Curvature, NonFiniteStatistics
-from ..linalg import all_finite, eigen_precondition, running_average, symmetric_eigh
+from ..linalg import all_finite, eigen_precondition, kronecker_eigenbases, running_average
 from ..persample import basis_second_moment
 from .base import InverseStrategy
 
@@ -61,9 +61,7 @@ class EigenCorrectedInverse(InverseStrategy):
         return self.Q_A is not None
 
     def refresh(self, curvature: Curvature, damping: float) -> None:
-        A, G = curvature.factors()
-        alpha, Q_A = symmetric_eigh(A)
-        gamma, Q_G = symmetric_eigh(G)
+        alpha, Q_A, gamma, Q_G = kronecker_eigenbases(*curvature.factors())
         self.Q_A, self.Q_G, self.S = Q_A, Q_G, gamma.outer(alpha)
         self.fresh_basis = True
 
