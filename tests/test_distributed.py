@@ -165,6 +165,12 @@ def _worker(rank: int, port: int, outdir: str) -> None:
 
     _record(rank, out, "unequal", unequal)
 
+    def kfac_on_my_rows(fail) -> None:
+        """Data-parallel K-FAC on this rank's rows, with ``fail`` injected (see train)."""
+        net = make_model()
+        train("kfac", net, nn.parallel.DistributedDataParallel(net), lambda s: mine,
+              DataParallel(), fail=fail)
+
     def raises() -> dict:  # rank 1's curvature update raises at step 1
         def fail(step, pre):
             if step == 1 and rank == 1:
@@ -176,30 +182,14 @@ def _worker(rank: int, port: int, outdir: str) -> None:
                     layer.curvature.update = boom
             return False
 
-        net = make_model()
-        train(
-            "kfac",
-            net,
-            nn.parallel.DistributedDataParallel(net),
-            lambda s: mine,
-            DataParallel(),
-            fail=fail,
-        )
+        kfac_on_my_rows(fail)
         return {}
 
     _record(rank, out, "raises", raises)
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
 
     def vanishes() -> dict:  # rank 1 leaves before pre.step() at step 1; rank 0 waits in it
-        net = make_model()
-        train(
-            "kfac",
-            net,
-            nn.parallel.DistributedDataParallel(net),
-            lambda s: mine,
-            DataParallel(),
-            fail=lambda step, pre: step == 1 and rank == 1,
-        )
+        kfac_on_my_rows(lambda step, pre: step == 1 and rank == 1)
         if rank == 1:
             os._exit(0)  # gone, without saying goodbye to the group
         return {}
