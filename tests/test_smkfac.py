@@ -58,7 +58,9 @@ def test_each_refresh_equals_the_dense_inverse_of_its_matrix():
     k, alpha, beta, damping, decay = 2, 0.3, 0.7, 0.05, 0.6
     curv = DiagonalSwitchFactors((4, 5), torch.float64, CPU)
     full = KroneckerFactors((4, 5), torch.float64, CPU)
-    inv = ShermanMorrisonInverse(torch.float64, CPU, k=k, alpha=alpha, beta=beta)
+    inv = ShermanMorrisonInverse(
+        torch.float64, CPU, k=k, alpha=alpha, beta=beta, reading="chained"
+    )
     X_A = X_G = None
     for j in range(6):
         feed((curv, full), random_stats(j), 0.0 if j == 0 else decay)
@@ -87,7 +89,7 @@ def test_k_zero_starts_from_the_damping_alone():
     damping = 0.04
     curv = DiagonalSwitchFactors((4, 5), torch.float64, CPU, diagonal_only=True)
     curv.update(random_stats(0), 0.0)
-    inv = ShermanMorrisonInverse(torch.float64, CPU, k=0, alpha=0.1, beta=0.1)
+    inv = ShermanMorrisonInverse(torch.float64, CPU, k=0, alpha=0.1, beta=0.1, reading="chained")
     inv.refresh(curv, damping)
     d_A, d_G = curv.diagonals()
     pi = math.sqrt((d_A.sum() / 5) / (d_G.sum() / 4))
@@ -95,6 +97,78 @@ def test_k_zero_starts_from_the_damping_alone():
     X_G = math.sqrt(damping) / pi * torch.eye(4) + 0.1 * torch.outer(d_G.sqrt(), d_G.sqrt())
     torch.testing.assert_close(inv.A_inv, torch.linalg.inv(X_A), rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(inv.G_inv, torch.linalg.inv(X_G), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_paper_reading_reuses_the_last_full_inverse_for_every_rank_one_update(k):
+    """The paper's text (eqs. 7–8): ``A_t⁻¹ ≈ (A_k + α u_t u_tᵀ)⁻¹`` with ``A_k`` the damped
+    factor of the last full update, and Algorithm 1's ``t <= k`` (``t`` from 0): ``k + 1``
+    full inverses, ``t = 0 … k``. Dense inverses of the matrices the paper names."""
+    alpha, beta, damping, decay = 0.3, 0.7, 0.05, 0.6
+    curv = DiagonalSwitchFactors((4, 5), torch.float64, CPU)
+    full = KroneckerFactors((4, 5), torch.float64, CPU)
+    inv = ShermanMorrisonInverse(
+        torch.float64, CPU, k=k, alpha=alpha, beta=beta, reading="paper"
+    )
+    assert inv.full_inverses == k + 1
+    for t in range(k + 5):
+        feed((curv, full), random_stats(t), 0.0 if t == 0 else decay)
+        assert inv.in_rank_one_phase == (t > k)
+        inv.refresh(curv, damping)
+        A, G = full.factors()
+        if t <= k:
+            pi = math.sqrt((torch.trace(A) / 5) / (torch.trace(G) / 4))
+            A_k = A + pi * math.sqrt(damping) * torch.eye(5)
+            G_k = G + math.sqrt(damping) / pi * torch.eye(4)
+            X_A, X_G = A_k, G_k
+        else:
+            u, v = A.diagonal().sqrt(), G.diagonal().sqrt()
+            X_A = A_k + alpha * torch.outer(u, u)  # from A_k every time, not chained
+            X_G = G_k + beta * torch.outer(v, v)
+        torch.testing.assert_close(inv.A_inv, torch.linalg.inv(X_A), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(inv.G_inv, torch.linalg.inv(X_G), rtol=1e-9, atol=1e-11)
+        if t == k:
+            curv.switch_to_diagonal()
+    assert (inv.full_updates, inv.rank_one_updates) == (k + 1, 4)
+    V = torch.randn(4, 5)
+    torch.testing.assert_close(
+        inv.apply(V, damping), torch.linalg.solve(X_G, V) @ torch.linalg.inv(X_A)
+    )
+
+
+def test_the_readings_differ_after_two_rank_one_updates_and_agree_before():
+    """Same ``k + 1`` full inverses for both (chained given ``k + 1``): the first rank-one
+    update is the same, the second differs (chained keeps the first's term)."""
+    readings = {
+        "paper": ShermanMorrisonInverse(torch.float64, CPU, k=1, reading="paper"),
+        "chained": ShermanMorrisonInverse(torch.float64, CPU, k=2, reading="chained"),
+    }
+    curvs = {r: DiagonalSwitchFactors((4, 5), torch.float64, CPU) for r in readings}
+    for t in range(4):
+        for r, inv in readings.items():
+            curvs[r].update(random_stats(t), 0.0 if t == 0 else 0.5)
+            inv.refresh(curvs[r], 0.05)
+        same = torch.allclose(readings["paper"].A_inv, readings["chained"].A_inv)
+        assert same == (t < 3), t
+
+
+def test_paper_reading_state_round_trip_and_an_older_checkpoint():
+    curv = DiagonalSwitchFactors((4, 5), torch.float64, CPU)
+    inv = ShermanMorrisonInverse(torch.float64, CPU, k=0, reading="paper")
+    for t in range(3):
+        curv.update(random_stats(t), 0.5)
+        inv.refresh(curv, 0.05)
+    state = inv.state_dict()
+    copy_ = ShermanMorrisonInverse(torch.float64, CPU, k=0, reading="paper")
+    copy_.load_state_dict(state)
+    torch.testing.assert_close(copy_.A_base_inv, inv.A_base_inv)
+    old = {k: v for k, v in state.items() if "base" not in k}
+    copy_.load_state_dict(old)  # written before the base inverses were kept
+    assert copy_.A_base_inv is None and copy_.rank_one_updates == 2
+    copy_.refresh(curv, 0.05)  # continues from the current inverses
+    assert torch.isfinite(copy_.A_inv).all()
+    with pytest.raises(ValueError, match="reading must be one of.*'paper'.*got 'book'"):
+        ShermanMorrisonInverse(torch.float64, CPU, reading="book")
 
 
 # ---------------------------------------------------------------- diagonal accumulation
