@@ -1,6 +1,6 @@
 """SKFAC's inverse: each damped factor ``X = λI + YᵀY/m`` applied through Woodbury's
-identity with an ``m × m`` Cholesky when ``m < n`` (MATH.md, SKFAC; ``003_…`` Theorem 1,
-eqs. 15–17, Algorithms 1–2).
+identity with an ``m × m`` Cholesky when ``m < n`` (docs/math.md, "SKFAC"; Tang et al.
+2021, Theorem 1, eqs. 15–17, Algorithms 1–2).
 
 ``X⁻¹ = (1/λ)[I − Yᵀ K⁻¹ Y]`` with ``K = mλI + YYᵀ`` (``m × m``), so for a matrix ``V``
 
@@ -13,7 +13,9 @@ small ``λ``, ``K``'s condition number ``(mλ + σ²_max)/(mλ)`` easily exceeds
 can factor, and at ``m × m`` the cost of double precision is negligible. When ``m ≥ n``
 the Woodbury form saves nothing and ``X⁻¹`` is formed directly (``n × n``, Cholesky), as in
 the paper's Algorithm 1; when ``m < n ≤ 2m`` it is formed from the ``m × m`` Cholesky,
-because applying it is then cheaper (:class:`WoodburyInverse`).
+because applying it is then cheaper (:class:`WoodburyInverse`). A factor the curvature
+holds as a dense matrix (Algorithm 2's exact branch, ``BatchMatrices.X_A``/``X_G``) is
+inverted directly: ``(λI + X)⁻¹``.
 """
 
 from __future__ import annotations
@@ -148,14 +150,23 @@ class WoodburyInverse(InverseStrategy):
             return Y.clone(), L, None
         return None, None, woodbury_explicit(Y, L, damping)
 
+    @classmethod
+    def _side(
+        cls, Y: Tensor | None, X: Tensor | None, damping: float
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """A factor held as rows ``Y`` (:meth:`_factor`) or as the dense matrix ``X``."""
+        if X is not None:
+            return None, None, damped_inverse(X, damping)
+        return cls._factor(Y, damping)
+
     def refresh(self, curvature: Curvature, damping: float) -> None:
         if not isinstance(curvature, BatchMatrices):
             raise TypeError(
                 "WoodburyInverse needs a BatchMatrices curvature (running Y_A, Y_G), got "
                 f"{type(curvature).__name__}"
             )
-        A_side = self._factor(curvature.Y_A, damping)
-        G_side = self._factor(curvature.Y_G, damping)
+        A_side = self._side(curvature.Y_A, curvature.X_A, damping)
+        G_side = self._side(curvature.Y_G, curvature.X_G, damping)
         self.Y_A, self.chol_A, self.inv_A = A_side
         self.Y_G, self.chol_G, self.inv_G = G_side
         self.damping = float(damping)
