@@ -9,16 +9,13 @@ import torch
 from torch import Tensor
 
 from ..capture import LayerStats
+from ..errors import NonFiniteStatistics
 from ..state import Stateful
 
 if TYPE_CHECKING:
-    from ..distributed.comm import Collective
+    from ..collective import Collective
 
 __all__ = ["Curvature", "NonFiniteStatistics"]
-
-
-class NonFiniteStatistics(ArithmeticError):
-    """A batch produced NaN/Inf statistics; the running estimate was left unchanged."""
 
 
 class Curvature(Stateful, ABC):
@@ -55,6 +52,19 @@ class Curvature(Stateful, ABC):
     def factors(self) -> tuple[Tensor, Tensor]:
         """The current factors ``(A, G)`` as dense tensors, ``(d_in', d_in')`` and
         ``(d_out, d_out)``, in MATH.md's convention (the block is ``≈ A ⊗ G``)."""
+
+    def batch_rows(self) -> tuple[Tensor | None, Tensor | None] | None:
+        """``(Y_A, Y_G)`` ``(m, d_in')``, ``(m, d_out)`` when the estimate is kept as batch
+        matrices with ``A = Y_AᵀY_A/m``, ``G = Y_GᵀY_G/m`` (what a Woodbury inverse needs);
+        ``None`` (default) for estimates kept as dense factors. A side that such an estimate
+        holds as a dense factor instead is ``None`` in the pair (:meth:`dense_factors`)."""
+        return None
+
+    def dense_factors(self) -> tuple[Tensor | None, Tensor | None]:
+        """For a batch-matrix estimate, the sides held as dense ``n × n`` factors rather
+        than rows (SKFAC's Algorithm 2 exact branch, docs/math.md §7); ``(None, None)``
+        (default) when every side is rows."""
+        return None, None
 
     # ------------------------------------------------------------------ data parallelism
     def averaged_keys(self) -> tuple[str, ...]:

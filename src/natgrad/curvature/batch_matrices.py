@@ -332,14 +332,27 @@ class BatchMatrices(Curvature):
         G = self.X_G if self.X_G is not None else self.Y_G.T @ self.Y_G / self.Y_G.shape[0]
         return A, G
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def batch_rows(self) -> tuple[Tensor | None, Tensor | None]:
+        """The running ``(Y_A, Y_G)``; a side held as a dense factor (Algorithm 2's exact
+        branch) is ``None`` here and given by :meth:`dense_factors`."""
+        return self.Y_A, self.Y_G
+
+    def dense_factors(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(X_A, X_G)``: the sides held as dense factors, ``None`` for those held as rows."""
+        return self.X_A, self.X_G
+
+    def load_state_dict(self, state: dict[str, Any], *, partial: bool = False) -> None:
         """As :meth:`Stateful.load_state_dict`; ``m`` may differ from the current one, and a
         checkpoint written before the exact branch existed (no ``X_A``) loads as rows."""
-        state = {"X_A": None, "X_G": None, **state}
-        saved = self.Y_A, self.Y_G, self.X_A, self.X_G
-        self.Y_A = self.Y_G = self.X_A = self.X_G = None
+        if not partial:
+            state = {"X_A": None, "X_G": None, **state}
+        keys = [k for k in ("Y_A", "Y_G", "X_A", "X_G") if k in state]
+        saved = {k: getattr(self, k) for k in keys}
+        for k in keys:
+            setattr(self, k, None)
         try:
-            super().load_state_dict(state)
+            super().load_state_dict(state, partial=partial)
         except Exception:
-            self.Y_A, self.Y_G, self.X_A, self.X_G = saved
+            for k, value in saved.items():
+                setattr(self, k, value)
             raise

@@ -170,15 +170,21 @@ class ShermanMorrisonInverse(InverseStrategy):
         eye_G = torch.eye(d_G.shape[0], dtype=d_G.dtype, device=d_G.device)
         return eye_A / (pi * root), eye_G * (pi / root)
 
+    def dense(self, curvature: Curvature, damping: float) -> Tensor:
+        """``(A_inv ⊗ G_inv)⁻¹`` from the stored approximate inverses (after the rank-one
+        updates no dense factor is kept to build it from)."""
+        return torch.linalg.inv(torch.kron(self.A_inv.T.contiguous(), self.G_inv.contiguous()))
+
     def apply(self, grad: Tensor, damping: float) -> Tensor:
         return kron_precondition(self.G_inv, grad, self.A_inv)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, partial: bool = False) -> None:
         """As :meth:`Stateful.load_state_dict`; a checkpoint written before the base
         inverses were kept (no ``A_base_inv``) loads with none, so a ``"paper"`` run
         resumed from it continues from its current inverses."""
-        state = {"A_base_inv": None, "G_base_inv": None, **state}
-        super().load_state_dict(state)
+        if not partial:
+            state = {"A_base_inv": None, "G_base_inv": None, **state}
+        super().load_state_dict(state, partial=partial)
 
 
 def check_reading(reading: str) -> None:
