@@ -172,8 +172,8 @@ def test_batch_scale_rule_sets_S_to_the_last_mini_batch_estimate(model_fn):
     model = model_fn()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     pre = natgrad.EKFAC(model, opt, kl_clip=None, T_s=1, T_inv=100, decay=0.5)
-    for layer in pre.layers.values():
-        layer.inverse.scale_rule = "batch"
+    assert pre.config.scale_rule == "batch"  # the default: Xu 2021's rule
+    assert all(layer.inverse.scale_rule == "batch" for layer in pre.layers.values())
     running = {}
     for step in range(3):
         x, y = data(model)
@@ -193,6 +193,15 @@ def test_batch_scale_rule_sets_S_to_the_last_mini_batch_estimate(model_fn):
         opt.step()
 
 
-def test_scale_rule_is_checked():
+def test_scale_rule_is_checked_and_reaches_the_inverses():
     with pytest.raises(ValueError, match="scale_rule must be one of.*'batch'.*got 'mean'"):
         EigenCorrectedInverse(torch.float64, torch.device("cpu"), scale_rule="mean")
+    with pytest.raises(ValueError, match="scale_rule must be one of.*got 'mean'"):
+        natgrad.EKFAC(tiny_mlp(), scale_rule="mean")
+    pre = natgrad.EKFAC(tiny_mlp(), scale_rule="running")
+    assert all(layer.inverse.scale_rule == "running" for layer in pre.layers.values())
+    pre.configure(scale_rule="batch")
+    assert all(layer.inverse.scale_rule == "batch" for layer in pre.layers.values())
+    tekfac = natgrad.TEKFAC(tiny_mlp())  # Gao et al. 2020, eq. 3.6: a running average
+    assert tekfac.config.scale_rule == "running"
+    assert all(layer.inverse.scale_rule == "running" for layer in tekfac.layers.values())

@@ -192,21 +192,29 @@ def test_linear_rows_are_the_plain_rows_and_factors_are_kfacs():
     torch.testing.assert_close(reduce_sum_rows(a), a[:, 0])
 
 
-def test_model_rows_match_hand_computed_patches_and_per_sample_grads():
+@pytest.mark.parametrize("reading", ["kfc", "algorithm2"])
+def test_model_rows_match_hand_computed_patches_and_per_sample_grads(reading):
     torch.manual_seed(3)
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4)
     )
     x, y = torch.randn(5, 2, 8, 8), torch.randint(0, 4, (5,))
-    pre = natgrad.SKFAC(model, kl_clip=None)
+    pre = natgrad.SKFAC(model, kl_clip=None, reading=reading)
     F.cross_entropy(model(x), y).backward()
     pre.step()
     a = patches_by_loops(x, model[0])
     g = per_sample_output_grads(model, model[0], x, y)
     P = a.shape[1]
     curv = pre.layers["0"].curvature
-    torch.testing.assert_close(curv.Y_A, a.sum(1) / math.sqrt(P), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(curv.Y_G, g.sum(1) / P, rtol=1e-10, atol=1e-12)
+    if reading == "kfc":
+        torch.testing.assert_close(curv.Y_A, a.sum(1) / math.sqrt(P), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(curv.Y_G, g.sum(1) / P, rtol=1e-10, atol=1e-12)
+        return
+    # Algorithm 2: raw sums (m = 5 < 19 = d_in'); G (3 <= 5) is the exact unreduced factor
+    torch.testing.assert_close(curv.Y_A, a.sum(1), rtol=1e-10, atol=1e-12)
+    flat = g.reshape(-1, 3)
+    assert curv.Y_G is None
+    torch.testing.assert_close(curv.X_G, flat.T @ flat / 5, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- running average
@@ -401,12 +409,13 @@ def test_registry_defaults_and_training():
     pre = natgrad.METHODS["skfac"](model)
     c = pre.config
     assert isinstance(pre, natgrad.SKFAC)
-    assert (c.damping, c.T_cov, c.T_inv, c.reduction, c.spatial_samples) == (
+    assert (c.damping, c.T_cov, c.T_inv, c.reduction, c.spatial_samples, c.reading) == (
         1e-3,
         20,
         200,
         "reduce_sum",
         1,
+        "algorithm2",
     )
 
     data = digit_batches(12)

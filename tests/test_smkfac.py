@@ -204,11 +204,17 @@ def test_diagonal_of_one_batch_is_o_n_and_matches_the_formula():
 # ---------------------------------------------------------------- the method
 
 
-def test_method_switches_after_k_full_updates_and_steps_with_the_dense_inverses():
+@pytest.mark.parametrize("reading", ["paper", "chained"])
+def test_method_switches_after_its_full_updates_and_steps_with_the_dense_inverses(reading):
+    """Through the method: ``k + 1`` (paper) or ``k`` (chained) full inverses, the switch to
+    diagonal accumulation right after them, then every step with the dense inverse of the
+    matrix the reading names (docs/math.md §8)."""
     model = digits_cnn()
     k, alpha, damping = 2, 0.2, 0.03
+    full_inverses = k + 1 if reading == "paper" else k
     pre = natgrad.SMKFAC(
-        model, k=k, alpha=alpha, beta=alpha, damping=damping, T_cov=1, T_inv=2, kl_clip=None
+        model, k=k, alpha=alpha, beta=alpha, damping=damping, T_cov=1, T_inv=2, kl_clip=None,
+        reading=reading,
     )
     reference = {}
     for name, layer in pre.layers.items():  # a full K-FAC fed the same rows, alongside
@@ -220,8 +226,8 @@ def test_method_switches_after_k_full_updates_and_steps_with_the_dense_inverses(
             full.update(stats, decay)
 
         layer.curvature.update = update
-    X = {}
-    for step, (x, y) in enumerate(digit_batches(7, size=16)):
+    X, base = {}, {}
+    for step, (x, y) in enumerate(digit_batches(9, size=16)):
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
         grads = pre.grad_matrices()
@@ -229,19 +235,20 @@ def test_method_switches_after_k_full_updates_and_steps_with_the_dense_inverses(
         refreshes = step // 2 + 1
         for name, layer in pre.layers.items():
             A, G = reference[name].factors()
-            if step % 2 == 0 and refreshes <= k:
+            if step % 2 == 0 and refreshes <= full_inverses:
                 pi = math.sqrt((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0]))
-                X[name] = (
+                X[name] = base[name] = (
                     A + pi * math.sqrt(damping) * torch.eye(A.shape[0]),
                     G + math.sqrt(damping) / pi * torch.eye(G.shape[0]),
                 )
             elif step % 2 == 0:
                 u, v = A.diagonal().sqrt(), G.diagonal().sqrt()
+                start = base[name] if reading == "paper" else X[name]
                 X[name] = (
-                    X[name][0] + alpha * torch.outer(u, u),
-                    X[name][1] + alpha * torch.outer(v, v),
+                    start[0] + alpha * torch.outer(u, u),
+                    start[1] + alpha * torch.outer(v, v),
                 )
-            assert layer.curvature.diagonal_only == (refreshes >= k)
+            assert layer.curvature.diagonal_only == (refreshes >= full_inverses)
             X_A, X_G = X[name]
             ref = torch.linalg.solve(X_G, grads[name]) @ torch.linalg.inv(X_A)
             torch.testing.assert_close(pre.grad_matrices()[name], ref, rtol=1e-8, atol=1e-11)
@@ -256,6 +263,7 @@ def test_registry_defaults_and_training_across_the_switch():
     c = pre.config
     assert isinstance(pre, natgrad.SMKFAC)
     assert (c.k, c.alpha, c.beta, c.T_cov, c.T_inv, c.damping) == (10, 0.1, 0.1, 10, 100, 1e-3)
+    assert c.reading == "paper"
 
     data = digit_batches(14)
     kw = dict(lr=0.05, T_cov=2, T_inv=3, k=2, damping=0.01)
@@ -279,7 +287,12 @@ def test_bad_arguments_name_the_argument():
         natgrad.SMKFAC(model, beta=-0.1)
     with pytest.raises(ValueError, match="alpha must be a finite number > 0, got inf"):
         ShermanMorrisonInverse(torch.float64, CPU, alpha=float("inf"))
-    pre = natgrad.SMKFAC(model)
-    pre.configure(alpha=0.5, k=0)  # k = 0 now: switched at once
+    with pytest.raises(ValueError, match="reading must be one of.*got 'text'"):
+        natgrad.SMKFAC(model, reading="text")
+    pre = natgrad.SMKFAC(model, reading="chained")
+    pre.configure(alpha=0.5, k=0)  # chained with k = 0: switched at once
     assert all(layer.inverse.alpha == 0.5 for layer in pre.layers.values())
     assert all(layer.curvature.diagonal_only for layer in pre.layers.values())
+    pre = natgrad.SMKFAC(model, k=0)  # the paper's reading: one full inverse first
+    assert not any(layer.curvature.diagonal_only for layer in pre.layers.values())
+    assert all(layer.inverse.full_inverses == 1 for layer in pre.layers.values())

@@ -121,6 +121,18 @@ class DampingPolicy(ABC):
         """Those of the last step (those inside the inverses); :meth:`resolve` if none yet."""
         return self.resolve(config, blocks, refresh)
 
+    def settle(
+        self,
+        config: PreconditionerConfig,
+        blocks: Mapping[str, LayerBlock],
+        refresh: bool,
+        resolved: LayerDamping,
+    ) -> LayerDamping:
+        """The damping this step preconditions with, asked once the step's statistics are
+        all in (curvature update, refresh, re-scaling observation); ``resolved`` is what
+        :meth:`resolve` gave before them (and the refresh used). Default: ``resolved``."""
+        return resolved
+
     def configure(self, old: PreconditionerConfig, new: PreconditionerConfig) -> bool:
         """Told of a hyperparameter change; ``True`` when every inverse must be recomputed
         (beyond a change of ``damping``, which always does)."""
@@ -190,6 +202,15 @@ class TraceDamping(DampingPolicy):
         baked = any(block.inverse.damping_in_refresh for block in blocks.values())
         if self._in_force is None or not baked or refresh:
             self._in_force = self.rule(config, blocks)
+        return dict(self._in_force[0]), dict(self._in_force[1])
+
+    def settle(self, config, blocks, refresh, resolved) -> LayerDamping:
+        """Recomputed from this step's statistics when no inverse bakes the damping in
+        (TEKFAC: ``tr Θ`` of the re-scaling just observed, so step 0 already uses it and no
+        step lags one observation; docs/math.md §6); else the refresh's own."""
+        if any(block.inverse.damping_in_refresh for block in blocks.values()):
+            return resolved
+        self._in_force = self.rule(config, blocks)
         return dict(self._in_force[0]), dict(self._in_force[1])
 
     def in_force(self, config, blocks, refresh) -> LayerDamping:

@@ -211,6 +211,7 @@ class Preconditioner(ABC):
             observes = self.schedule.observes(config, step, block.inverse)
             if name in stats and observes and block.inverse.ready:
                 block.observe(stats[name], decay, self._sharing.observation(block.inverse))
+        damping = self.damping_policy.settle(config, self.layers, refresh, damping)
         deltas = self._sharing.precondition(self.layers, grads, *damping)
         if config.kl_clip is not None:
             lrs = learning_rates(self.optimizer, {n: b.module for n, b in self.layers.items()})

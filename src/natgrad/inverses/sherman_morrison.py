@@ -99,7 +99,7 @@ class ShermanMorrisonInverse(InverseStrategy):
         k: int = 10,
         alpha: float = 0.1,
         beta: float = 0.1,
-        reading: str = "chained",
+        reading: str = "paper",
         pi: Callable[[Tensor, Tensor], float] = trace_pi,
         **kwargs,
     ) -> None:
