@@ -24,13 +24,13 @@ def _add_common(p: argparse.ArgumentParser, *, default_epochs: float) -> None:
     from natgrad.experiments.presets import PRESETS
 
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="fashion-mnist", choices=list(DATASETS),
-                   help="dataset (default: %(default)s)")
+    g.add_argument("--dataset", default=None, choices=list(DATASETS),
+                   help="dataset (default: fashion-mnist, or the preset's)")
     g.add_argument("--data-dir", default=None,
                    help="folder holding the dataset files (CIFAR/SVHN default: ./data; "
                    "Fashion-MNIST falls back to /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--model", default="cnn", choices=list(MODELS),
-                   help="model (default: %(default)s)")
+    g.add_argument("--model", default=None, choices=list(MODELS),
+                   help="model (default: cnn, or the preset's)")
     g.add_argument("--no-augment", action="store_true",
                    help="switch off the dataset's training augmentation")
     g = p.add_argument_group("methods")
@@ -51,8 +51,8 @@ def _add_common(p: argparse.ArgumentParser, *, default_epochs: float) -> None:
                    help="any method hyperparameter (config field or peer keyword)")
     g = p.add_argument_group("budget and schedule")
     g.add_argument("--epochs", type=float, default=None,
-                   help=f"epochs per run (fractions allowed; default {default_epochs:g} "
-                   "unless --minutes is given)")
+                   help=f"epochs per run (fractions allowed; default {default_epochs:g}, or "
+                   "the preset's paper budget for bench, unless --minutes is given)")
     g.add_argument("--minutes", type=float, default=None,
                    help="training-clock minutes per run (with --epochs: whichever ends first)")
     g.add_argument("--batch-size", type=int, default=None,
@@ -163,8 +163,9 @@ def _targets(text: str | None) -> list[float] | None:
     return out
 
 
-def _plan(args: argparse.Namespace, default_epochs: float):
-    """Resolve data/model/methods/hyperparameters/budget into a BenchPlan."""
+def _plan(args: argparse.Namespace, default_epochs: float, preset_budget: bool = True):
+    """Resolve data/model/methods/hyperparameters/budget into a BenchPlan. A preset supplies
+    the defaults of --dataset, --model and (with ``preset_budget``) --epochs."""
     from natgrad.experiments import methods as M
     from natgrad.experiments.bench import DEFAULT_TARGETS, BenchPlan
     from natgrad.experiments.presets import get_preset
@@ -172,6 +173,8 @@ def _plan(args: argparse.Namespace, default_epochs: float):
     from natgrad.experiments.tune import read_settings
 
     preset = get_preset(args.preset) if args.preset else None
+    args.dataset = args.dataset or (preset and preset.dataset) or "fashion-mnist"
+    args.model = args.model or (preset and preset.model) or "cnn"
     if args.methods:
         specs = args.methods.split(",")
     elif preset is not None:
@@ -209,7 +212,8 @@ def _plan(args: argparse.Namespace, default_epochs: float):
         schedule = LRSchedule()
     epochs, minutes = args.epochs, args.minutes
     if epochs is None and minutes is None:
-        epochs = default_epochs
+        paper = preset.epochs_for(args.dataset) if preset and preset_budget else None
+        epochs = default_epochs if paper is None else paper
     if schedule.needs_epochs() and epochs is None:
         raise ValueError(f"--lr-schedule {schedule} needs --epochs (it anneals to the end)")
     batch = args.batch_size or (preset.batch_size if preset else 128)
@@ -249,10 +253,14 @@ def _progress(args: argparse.Namespace) -> bool | None:
 def _print_plan(plan, extra: str = "") -> None:
     import json
 
+    from natgrad.experiments.presets import get_preset
+
     shown = {k: v for k, v in plan.as_dict().items() if k != "machine"}
     shown["hyperparameters"] = {m.name: m.resolved(plan.hyperparameters[m.name])
                                 for m in plan.methods}
-    print(json.dumps(shown, indent=2))
+    if plan.preset:
+        shown["paper"] = get_preset(plan.preset).describe()
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
     if extra:
         print(extra)
 
@@ -316,7 +324,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from natgrad.experiments.presets import get_preset
     from natgrad.experiments.tune import grid_points, run_tune
 
-    plan = _plan(args, default_epochs=2)
+    plan = _plan(args, default_epochs=2, preset_budget=False)
     plan.evals_per_epoch = 1
     grid = get_preset(args.preset).grid if args.preset else {}
     lrs = _floats("--lrs", args.lrs)
