@@ -1,4 +1,4 @@
-"""SKFAC (``003_…``): Woodbury application, Reduce-Sum / Spatial-Subsampling rows and the
+"""SKFAC (Tang et al. 2021): Woodbury application, Reduce-Sum / Spatial-Subsampling rows and the
 running batch matrices, against dense references in float64."""
 
 import copy
@@ -274,8 +274,9 @@ def algorithm2_inverse(Y_full, reduced, M, damping):
     return (eye - reduced.T @ torch.linalg.inv(K) @ reduced) / damping
 
 
-@pytest.mark.parametrize("reduction,samples", [("reduce_sum", 1), ("subsample", 1),
-                                               ("subsample", 2), ("subsample", 8)])
+@pytest.mark.parametrize(
+    "reduction,samples", [("reduce_sum", 1), ("subsample", 1), ("subsample", 2), ("subsample", 8)]
+)
 def test_algorithm2_reading_equals_the_papers_inverses(reduction, samples):
     """Raw sums with ``MλI``, and the exact unreduced factor whenever the reduced row count
     reaches the factor's size; two batches, so the running averages are exercised too
@@ -297,8 +298,10 @@ def test_algorithm2_reading_equals_the_papers_inverses(reduction, samples):
         else:
             index = sample_positions(M, P, samples, draw)
             s = index.shape[1]
-            pick = lambda r: torch.stack([r[i, index[i]] for i in range(M)]).reshape(M * s, -1)
-            reduced = {"A": pick(a), "G": pick(g)}
+            reduced = {
+                k: torch.stack([r[i, index[i]] for i in range(M)]).reshape(M * s, -1)
+                for k, r in (("A", a), ("G", g))
+            }
         full = {"A": a.reshape(M * P, n_A), "G": g.reshape(M * P, n_G)}
         w = 0.0 if j == 0 else decay
         for k in "AG":
@@ -456,7 +459,7 @@ def test_bad_arguments_name_the_argument():
 
 
 def test_factored_inverse_is_not_what_skfac_applies():
-    """SKFAC's damping is λ on each factor, not K-FAC's factored split (MATH.md)."""
+    """SKFAC's damping is λ on each factor, not K-FAC's factored split (docs/math.md §7)."""
     torch.manual_seed(0)
     Y_A, Y_G = torch.randn(3, 6), torch.randn(3, 4)
     curv = curvature_from(Y_A, Y_G)

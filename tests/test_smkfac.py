@@ -1,4 +1,4 @@
-"""Sherman–Morrison K-FAC (``000_…``): rank-one inverse updates, the switch to diagonal
+"""Sherman–Morrison K-FAC (Liu, Gao & Wang 2021): rank-one inverse updates, the switch to diagonal
 accumulation and the method end to end, against dense references in float64."""
 
 import math

@@ -195,7 +195,7 @@ def test_tekfac_theta_is_the_per_sample_second_moment_in_tkfac_eigenbasis():
 
 
 def test_tekfac_keeps_separate_decays_for_theta_and_the_factors():
-    """``004_…`` eq. 3.3: ``Θ`` averages with ``β₁`` (``rescale_decay``), ``δ``, ``Φ``,
+    """Gao et al. 2020, eq. 3.3: ``Θ`` averages with ``β₁`` (``rescale_decay``), ``δ``, ``Φ``,
     ``Ψ`` with ``β₂`` (``decay``)."""
     model = tiny_mlp()
     x, y = data(model)
@@ -271,7 +271,7 @@ def test_tekfac_steps_with_the_trace_of_the_rescaling_observed_in_the_same_step(
 
 @pytest.mark.parametrize("model_fn", [tiny_mlp, tiny_cnn])
 def test_eigen_corrections_are_closer_to_the_exact_fisher(model_fn):
-    """George et al. 2018 §3 and ``004_…`` Theorem 3.1, on one batch with decay 0."""
+    """George et al. 2018 §3 and Gao et al. 2020, Theorem 3.1, on one batch with decay 0."""
     errors = {}
     base = model_fn()
     x, y = data(base, m=16)

@@ -5,7 +5,7 @@ tensor hook keeps the gradient that reaches the output in the next backward pass
 formed lazily, at :meth:`LayerCapture.pop`, and only on steps where the preconditioner
 asked for them (:attr:`LayerCapture.active`), so ordinary steps pay nothing.
 
-Scaling convention (MATH.md, Notation): with a loss that is the *mean* over the batch, the
+Scaling convention (docs/math.md §1): with a loss that is the *mean* over the batch, the
 gradient reaching the output is ``g_i / M``; rows are multiplied by ``M`` (the size of
 the input's first dimension) to give the per-sample ``g_i``. With ``loss_reduction="sum"``
 they are used as they are.
@@ -27,7 +27,7 @@ __all__ = ["LayerStats", "LayerCapture"]
 
 @dataclass(frozen=True)
 class LayerStats:
-    """One layer's batch rows (MATH.md, Notation).
+    """One layer's batch rows (docs/math.md §1).
 
     Attributes:
         a: input rows ``ā``, shape ``(M, P, d_in')``.

@@ -1,4 +1,4 @@
-"""KL clipping (MATH.md, K-FAC): ``ν = min(1, sqrt(κ / Σ_l η_l² ⟨Δ_l, ∇W̄_l⟩))``.
+"""KL clipping (docs/math.md §2): ``ν = min(1, sqrt(κ / Σ_l η_l² ⟨Δ_l, ∇W̄_l⟩))``.
 
 Each layer's learning rate ``η_l`` is read from the optimizer; ``.grad ← ν Δ``. When
 clipping has bounded every one of the last :data:`CLIP_STREAK_WARNING` steps, the step

@@ -3,13 +3,14 @@
 A preconditioner holds one :class:`DampingPolicy`, built by its method's
 :meth:`~natgrad.Preconditioner.make_damping`: :class:`ConstantDamping` (``config.damping``
 on every layer; the default) or :class:`TraceDamping`, TKFAC's and TEKFAC's trace-based
-adaptive damping for CNNs (``004_…`` eqs. 3.4–3.5, after Gao et al. 2020 §5):
+adaptive damping for CNNs (docs/math.md §6; Gao et al. 2020, eqs. 3.4–3.5, after Gao et
+al. 2021, §5):
 
 * Fully connected networks (no preconditioned ``Conv2d``): a constant ``λ`` (``damping``).
 * Convolutional layers of a CNN: ``λ_l = max{tr F̂_l, ϑ} / dim F̂_l``, the block's mean
   eigenvalue with the trace floor ``ϑ`` (``trace_floor``); ``dim F̂_l = d_out·d_in'``.
   ``tr F̂_l`` is ``tr Θ_l`` for TEKFAC and ``tr(δ Φ⊗Ψ) = δ`` for TKFAC (TKFAC's own §5
-  formula was not recoverable; MATH.md fixes this choice).
+  formula was not recoverable; docs/math.md §9.4 fixes this choice).
 * Fully connected layers of a CNN: their block is scaled by
   ``β = max over conv layers of max{tr F̂_l, ϑ} / dim F̂_l`` "to keep pace with the
   convolution layers", with the constant ``λ``: ``Δ = (β F̂_l + λI)⁻¹ ∇W̄``. Since
@@ -58,7 +59,7 @@ class TraceDampingConfig(PreconditionerConfig):
 
     Attributes:
         trace_floor: ``ϑ`` (> 0), the floor of ``tr F̂_l`` in the conv damping
-            (``004_…``: best 0.01 over {1e-4 … 100} on ResNet-20/CIFAR-100).
+            (Gao et al. 2020: best 0.01 over {1e-4 … 100} on ResNet-20/CIFAR-100).
         adaptive_damping: use the trace-based rule in CNNs (``False``: the constant
             ``damping`` on every layer, as in fully connected networks).
     """

@@ -276,7 +276,7 @@ class Preconditioner(ABC):
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Current running factors ``(A, G)`` of every layer that has seen a batch,
-        by qualified name, as dense tensors in MATH.md's convention."""
+        by qualified name, as dense tensors in docs/math.md §1's convention."""
         curvatures = {name: block.curvature for name, block in self.layers.items()}
         return {name: c.factors() for name, c in curvatures.items() if c.initialized}
 

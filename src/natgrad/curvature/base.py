@@ -51,7 +51,7 @@ class Curvature(Stateful, ABC):
     @abstractmethod
     def factors(self) -> tuple[Tensor, Tensor]:
         """The current factors ``(A, G)`` as dense tensors, ``(d_in', d_in')`` and
-        ``(d_out, d_out)``, in MATH.md's convention (the block is ``≈ A ⊗ G``)."""
+        ``(d_out, d_out)``, in docs/math.md §1's convention (the block is ``≈ A ⊗ G``)."""
 
     def batch_rows(self) -> tuple[Tensor | None, Tensor | None] | None:
         """``(Y_A, Y_G)`` ``(m, d_in')``, ``(m, d_out)`` when the estimate is kept as batch

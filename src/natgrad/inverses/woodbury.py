@@ -99,7 +99,7 @@ def gram_damped_inverse(Y: Tensor, damping: float) -> Tensor:
 class WoodburyInverse(InverseStrategy):
     """``Δ = (λI + G)⁻¹ ∇W̄ (λI + A)⁻¹`` with ``A = Y_AᵀY_A/m``, ``G = Y_GᵀY_G/m`` from a
     :class:`~natgrad.curvature.BatchMatrices` curvature; one damping ``λ`` on both
-    factors (``003_…`` eq. 28), no factored split.
+    factors (Tang et al. 2021, eq. 28), no factored split.
 
     Per factor (``Y`` is ``m × n``), :meth:`refresh` keeps
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..curvature import TraceRestrictedFactors
 from ..block import LayerBlock
+from ..curvature import TraceRestrictedFactors
 from ..damping import DampingPolicy, TraceDamping, TraceDampingConfig
 from ..inverses import EigenCorrectedInverse
 from ..preconditioner import Preconditioner
