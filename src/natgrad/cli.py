@@ -75,11 +75,18 @@ def _add_common(p: argparse.ArgumentParser, *, default_epochs: float) -> None:
     g.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="tqdm progress bars on stderr (auto: when stderr is a terminal)")
     g.add_argument("--quiet", action="store_true", help="no per-evaluation lines on stderr")
+    g.add_argument("--fresh", action="store_true",
+                   help="--out holds another experiment: remove its runs, table and plots "
+                   "and start this one (without it such a folder is refused)")
     g.add_argument("--dry-run", action="store_true",
-                   help="print the resolved plan (methods, hyperparameters) and exit")
+                   help="resolve the plan and build every method's configuration, "
+                   "optimizer and preconditioner (no data, nothing written); print the plan "
+                   "and exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from natgrad.experiments.bench import DEFAULT_INTERLEAVE
+
     parser = argparse.ArgumentParser(
         prog="natgrad",
         description="Benchmark Kronecker-factored natural-gradient methods against "
@@ -103,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--settings", default=None, metavar="JSON",
                        help="best settings written by `natgrad tune`")
     bench.add_argument("--out", default="results", help="results folder (default: %(default)s)")
+    bench.add_argument("--interleave", type=int, default=None, metavar="N",
+                       help="the methods take turns in this process, N steps each, so the "
+                       "machine's drift falls on all alike (default: "
+                       f"{DEFAULT_INTERLEAVE}); 0 = one method after another (needs the "
+                       "memory of one run at a time)")
     bench.add_argument("--nproc", type=int, default=1, metavar="N",
                        help="train each run data-parallel on N local processes (gloo, or "
                        "NCCL with --device cuda; --batch-size is the global batch). For "
@@ -163,27 +175,57 @@ def _targets(text: str | None) -> list[float] | None:
     return out
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Ranges of the numeric options, named as on the command line."""
+    import math
+
+    from natgrad.experiments.train import MAX_SEED
+
+    for option, value in (("--epochs", args.epochs), ("--minutes", args.minutes)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{option} must be a number > 0, got {value:g}")
+    for option, value in (("--batch-size", args.batch_size),
+                          ("--evals-per-epoch", args.evals_per_epoch),
+                          ("--log-every", args.log_every), ("--threads", args.threads),
+                          ("--repeats", getattr(args, "repeats", 1))):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be an integer >= 1, got {value}")
+    repeats = getattr(args, "repeats", 1)
+    if not 0 <= args.seed <= MAX_SEED - (repeats - 1):
+        extra = f" (with --repeats {repeats}: up to 2^63-{repeats})" if repeats > 1 else ""
+        raise ValueError(f"--seed must be an integer in 0 … 2^63-1{extra}, got {args.seed}")
+    interleave = getattr(args, "interleave", None)
+    if interleave is not None and interleave < 0:
+        raise ValueError(f"--interleave must be an integer >= 0 (0: one method after "
+                         f"another), got {interleave}")
+
+
 def _plan(args: argparse.Namespace, default_epochs: float):
-    """Resolve data/model/methods/hyperparameters/budget into a BenchPlan."""
+    """Resolve data/model/methods/hyperparameters/budget into a BenchPlan and validate it:
+    every run's configuration and every method's optimizer and preconditioner are built
+    (on the model, without data), so a bad value fails here, before anything is written."""
     from natgrad.experiments import methods as M
-    from natgrad.experiments.bench import DEFAULT_TARGETS, BenchPlan
+    from natgrad.experiments.bench import DEFAULT_INTERLEAVE, DEFAULT_TARGETS, BenchPlan
     from natgrad.experiments.presets import get_preset
     from natgrad.experiments.schedule import LRSchedule, parse_schedule
     from natgrad.experiments.tune import read_settings
 
+    _check_numbers(args)
     preset = get_preset(args.preset) if args.preset else None
-    if args.methods:
-        specs = args.methods.split(",")
+    if args.methods is not None:
+        specs = [s for s in args.methods.split(",") if s.strip()]
+        if not specs:
+            raise ValueError(f"--methods is empty ({args.methods!r}); give comma-separated "
+                             "specs, e.g. sgd,adam,kfac")
     elif preset is not None:
         specs = [s for s in preset.methods if _installed(s)]
     else:
         specs = M.default_specs()
     methods, skipped = M.select(specs)
-    notes = list(skipped)
-    for line in skipped:
-        print(line, file=sys.stderr)
+    notes = list(skipped)  # printed once, with the other notes, when the bench starts
     if not methods:
-        raise ValueError(f"no method left to run from --methods {args.methods!r}")
+        raise ValueError(f"no method left to run from --methods {args.methods!r} "
+                         f"({'; '.join(skipped)})")
     preset_hp = (
         {m.name: preset.settings_for(m.name, m.method is not None) for m in methods}
         if preset else None
@@ -212,24 +254,23 @@ def _plan(args: argparse.Namespace, default_epochs: float):
         epochs = default_epochs
     if schedule.needs_epochs() and epochs is None:
         raise ValueError(f"--lr-schedule {schedule} needs --epochs (it anneals to the end)")
-    batch = args.batch_size or (preset.batch_size if preset else 128)
+    batch = args.batch_size if args.batch_size is not None else (
+        preset.batch_size if preset else 128)
     targets = _targets(getattr(args, "targets", None)) or list(
         DEFAULT_TARGETS.get(args.dataset, (0.9,)))
-    from natgrad.experiments.train import RunConfig
-
-    RunConfig(spec="sgd", hyperparameters={}, dataset=args.dataset, model=args.model,
-              epochs=1, device=args.device)  # validates --device before anything runs
     repeats = getattr(args, "repeats", 1)
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    return BenchPlan(
+    interleave = getattr(args, "interleave", None)
+    interleave = DEFAULT_INTERLEAVE if interleave is None else (interleave or None)
+    plan = BenchPlan(
         dataset=args.dataset, model=args.model, methods=methods,
         hyperparameters=hyperparameters, batch_size=batch, epochs=epochs, minutes=minutes,
         seeds=[args.seed + i for i in range(repeats)], targets=targets, schedule=schedule,
         evals_per_epoch=args.evals_per_epoch, log_every=args.log_every,
         augment=False if args.no_augment else None, data_dir=args.data_dir,
-        device=args.device, preset=args.preset, notes=notes,
+        device=args.device, preset=args.preset, notes=notes, interleave=interleave,
     )
+    plan.validate()
+    return plan
 
 
 def _installed(spec: str) -> bool:
@@ -260,6 +301,7 @@ def _print_plan(plan, extra: str = "") -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from natgrad.distributed import world_from_env
     from natgrad.experiments.bench import run_bench
+    from natgrad.experiments.files import check_output_folder
     from natgrad.experiments.workers import Workers
 
     if args.nproc < 1:
@@ -275,14 +317,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_plan(plan)
         return 0
+    check_output_folder(args.out)
     workers = Workers.from_env(args.device)
     try:
         if workers.distributed and not args.threads:
             import torch
 
             torch.set_num_threads(workers.default_threads())
-        text = run_bench(plan, args.out, resume=args.resume, progress=_progress(args),
-                         quiet=args.quiet, workers=workers)
+        text = run_bench(plan, args.out, resume=args.resume, fresh=args.fresh,
+                         progress=_progress(args), quiet=args.quiet, workers=workers)
     except BaseException:
         workers.close(wait=False)
         raise
@@ -300,6 +343,7 @@ def _launch_bench(args: argparse.Namespace) -> int:
     local worker processes (:func:`~natgrad.experiments.workers.run_local`) and return
     the job's exit status."""
     from natgrad.experiments.data import load
+    from natgrad.experiments.files import check_output_folder
     from natgrad.experiments.workers import check_batch, run_local
 
     plan = _plan(args, default_epochs=3)
@@ -308,13 +352,15 @@ def _launch_bench(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_plan(plan)
         return 0
+    check_output_folder(args.out)
     load(plan.dataset, plan.data_dir, plan.augment)  # a missing dataset fails here, once
     return run_local(args.nproc, args.argv)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from natgrad.experiments.files import check_output_folder
     from natgrad.experiments.presets import get_preset
-    from natgrad.experiments.tune import grid_points, run_tune
+    from natgrad.experiments.tune import check_settings_out, grid_points, run_tune
 
     plan = _plan(args, default_epochs=2)
     plan.evals_per_epoch = 1
@@ -330,15 +376,19 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             grid.get("lr") if m.peer else None)
         grids[m.name] = grid_points(m, plan.hyperparameters[m.name], m_lrs, dampings, wds)
     settings_out = args.settings_out or str(Path(args.out) / "settings.json")
+    check_settings_out(settings_out)
     if args.dry_run:
         _print_plan(plan, f"grid points: { {k: len(v) for k, v in grids.items()} }")
         return 0
+    check_output_folder(args.out)
     settings = run_tune(plan, grids, args.out, settings_out, resume=args.resume,
-                        progress=_progress(args), quiet=args.quiet)
+                        fresh=args.fresh, progress=_progress(args), quiet=args.quiet)
     print("| method | best settings | training loss |")
     print("|---|---|---|")
+    for spec in settings.get("unconverged", []):
+        print(f"| {spec} | none: no point converged | — |")
     for r in settings["results"]:
-        if r["hyperparameters"] == settings["settings"][r["spec"]]:
+        if r["hyperparameters"] == settings["settings"].get(r["spec"]):
             hp = ", ".join(f"{k}={v:g}" for k, v in r["hyperparameters"].items()
                            if k in ("lr", "damping", "weight_decay"))
             loss = "diverged" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
@@ -363,7 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"bench": _cmd_bench, "tune": _cmd_tune, "report": _cmd_report}
-    if getattr(args, "threads", None):
+    from natgrad.experiments.files import FolderBusy
+
+    if (getattr(args, "threads", None) or 0) >= 1:
         import torch
 
         torch.set_num_threads(args.threads)
@@ -379,9 +431,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `natgrad ... | head`: stop quietly
         sys.stdout = open(os.devnull, "w")
         return 0
-    except (ValueError, FileNotFoundError) as e:  # DatasetMissing is a FileNotFoundError
+    except (ValueError, OSError, FolderBusy) as e:  # DatasetMissing: a FileNotFoundError
         print(f"natgrad {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from natgrad.experiments.workers import PEER_LOST, LAUNCHED, lost_peer
+
+        if LAUNCHED in os.environ and lost_peer(e):
+            # Another worker of `--nproc` died; the launcher says which, in one line.
+            return PEER_LOST
+        raise
 
 
 if __name__ == "__main__":

@@ -7,27 +7,33 @@ Settings file::
     {"source": "natgrad tune", "dataset": ..., "model": ..., "epochs": ...,
      "criterion": "...",
      "settings": {"<spec>": {"lr": ..., "weight_decay": ..., "damping": ...}, ...},
+     "unconverged": ["<spec>", ...],
      "results": [{"spec": ..., "hyperparameters": {...}, "train_loss": ..., ...}, ...]}
+
+A point counts only if its run finished with a finite training loss; a method none of
+whose points did gets no settings (it is listed under ``unconverged``), so ``bench
+--settings`` keeps its defaults rather than a diverged learning rate.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import files
 from .bench import BenchPlan
 from .data import load
-from .methods import MethodSpec
+from .methods import MethodSpec, resolve
 from .train import train_run
 
-__all__ = ["grid_points", "run_tune", "read_settings", "LR_MULTIPLIERS", "DEFAULT_DAMPINGS",
-           "DEFAULT_WEIGHT_DECAYS", "CRITERION"]
+__all__ = ["grid_points", "run_tune", "read_settings", "check_settings_out", "LR_MULTIPLIERS",
+           "DEFAULT_DAMPINGS", "DEFAULT_WEIGHT_DECAYS", "CRITERION"]
 
 #: Default learning-rate grid: each method's default lr times these.
 LR_MULTIPLIERS = (1 / 3, 1.0, 3.0)
@@ -75,13 +81,32 @@ def run_tune(
     settings_path: str | os.PathLike,
     *,
     resume: bool = False,
+    fresh: bool = False,
     progress: bool | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Train every grid point of every method (seed ``plan.seeds[0]``) into
-    ``out/tune/<spec>/<point>/``; write and return the settings JSON."""
+    ``out/tune/<spec>/<point>/``; write and return the settings JSON.
+
+    ``out`` is locked while tuning; ``fresh`` removes earlier tuning runs first (otherwise
+    a point's run folder is started afresh, or continued with ``resume``)."""
     out = Path(out)
+    check_settings_out(settings_path)
     data = load(plan.dataset, plan.data_dir, plan.augment)
+    out.mkdir(parents=True, exist_ok=True)
+    with files.FolderLock(out) as lock:
+        for note in lock.notes:
+            print(f"note: {note}", file=sys.stderr)
+        if fresh and (out / "tune").exists():
+            shutil.rmtree(out / "tune")
+            print(f"note: --fresh: removed the earlier tuning runs in {out / 'tune'}",
+                  file=sys.stderr)
+        return _tune(plan, grids, out, settings_path, data, resume, progress, quiet)
+
+
+def _tune(plan: BenchPlan, grids: dict[str, list[dict[str, Any]]], out: Path,
+          settings_path: str | os.PathLike, data, resume: bool, progress: bool | None,
+          quiet: bool) -> dict[str, Any]:
     seed = plan.seeds[0]
     results: list[dict[str, Any]] = []
     best: dict[str, dict[str, Any]] = {}
@@ -98,23 +123,39 @@ def run_tune(
                                 out / "tune" / method.name / _label(hp),
                                 resume=resume, progress=progress, quiet=True)
             loss = summary.get("final_train_loss")
-            loss = math.inf if loss is None or not math.isfinite(loss) else float(loss)
+            if summary["status"] != "done" or loss is None or not math.isfinite(loss):
+                loss = math.inf  # diverged: never the best point
             results.append({"spec": method.name, "hyperparameters": hp, "train_loss": loss,
                             "test_acc": summary.get("test_acc"), "status": summary["status"]})
             if loss < best_loss:
                 best_loss, best[method.name] = loss, hp
-        if method.name not in best:  # every point diverged: keep the first for the record
-            best[method.name] = grids[method.name][0]
+    unconverged = [m.name for m in plan.methods if m.name not in best]
+    for name in unconverged:
+        print(f"note: tune: no point of {name} converged (every one diverged); it gets no "
+              "settings, so `bench --settings` keeps its defaults", file=sys.stderr)
     settings = {
         "source": "natgrad tune", "dataset": plan.dataset, "model": plan.model,
         "epochs": plan.epochs, "minutes": plan.minutes, "batch_size": plan.batch_size,
-        "seed": seed, "criterion": CRITERION, "settings": best,
+        "seed": seed, "criterion": CRITERION, "settings": best, "unconverged": unconverged,
         "results": [dict(r, train_loss=None if math.isinf(r["train_loss"]) else
                          r["train_loss"]) for r in results],
     }
     Path(settings_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(settings_path).write_text(json.dumps(settings, indent=2) + "\n")
+    files.write_json(settings_path, settings)
     return settings
+
+
+def check_settings_out(path: str | os.PathLike) -> None:
+    """``--settings-out`` must be a file this process can write (checked before tuning).
+
+    Raises:
+        ValueError: it is a folder, or its folder is a file or not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--settings-out {path} is a folder; give a file name such as "
+                         f"{path / 'settings.json'}")
+    files.check_output_folder(path.parent, "--settings-out's folder")
 
 
 def read_settings(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -124,12 +165,18 @@ def read_settings(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         ValueError: the file is not a settings JSON, naming the path.
     """
     try:
-        obj = json.loads(Path(path).read_text())
+        obj = files.read_json(path, "--settings file")
     except FileNotFoundError:
         raise FileNotFoundError(f"--settings file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--settings file {path} is not JSON: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("settings"), dict):
         raise ValueError(f"--settings file {path} has no 'settings' object "
                          "(write one with `natgrad tune`)")
+    for spec, hp in obj["settings"].items():
+        try:
+            resolve(spec)
+        except ValueError as e:
+            raise ValueError(f"--settings file {path}: {e}") from None
+        if not isinstance(hp, dict):
+            raise ValueError(f"--settings file {path}: the settings of {spec!r} must be an "
+                             f"object of hyperparameters, got {hp!r}")
     return obj["settings"]
