@@ -47,9 +47,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     """
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
+    target = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            target = _Recording(f)
+            write(target)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,8 +62,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             pass
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        code = err.errno if isinstance(err, OSError) else errno.EIO
-        raise OSError(code, f"cannot write {path}: {_reason(err)}") from err
+        # torch's writer turns the file's OSError into "unexpected pos": use the OSError.
+        cause = target.error if target is not None and target.error is not None else err
+        code = cause.errno if isinstance(cause, OSError) else errno.EIO
+        raise OSError(code, f"cannot write {path}: {_reason(cause)}") from err
+
+
+class _Recording:
+    """A file that remembers the first ``OSError`` its ``write`` raised."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

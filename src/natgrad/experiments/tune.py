@@ -10,9 +10,10 @@ Settings file::
      "unconverged": ["<spec>", ...],
      "results": [{"spec": ..., "hyperparameters": {...}, "train_loss": ..., ...}, ...]}
 
-A point counts only if its run finished with a finite training loss; a method none of
-whose points did gets no settings (it is listed under ``unconverged``), so ``bench
---settings`` keeps its defaults rather than a diverged learning rate.
+A point counts only if its run finished with a finite training loss below the untrained
+model's test loss (its first evaluation); a method none of whose points did gets no
+settings (it is listed under ``unconverged``), so ``bench --settings`` keeps its defaults
+rather than a diverged learning rate.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from . import files
 from .bench import BenchPlan
 from .data import load
 from .methods import MethodSpec, resolve
-from .train import train_run
+from .train import read_log, train_run
 
 __all__ = ["grid_points", "run_tune", "read_settings", "check_settings_out", "LR_MULTIPLIERS",
            "DEFAULT_DAMPINGS", "DEFAULT_WEIGHT_DECAYS", "CRITERION"]
@@ -119,19 +120,20 @@ def _tune(plan: BenchPlan, grids: dict[str, list[dict[str, Any]]], out: Path,
             if not quiet:
                 print(f"== tune {count}/{total}: {method.name} {_label(hp)}", file=sys.stderr)
             plan.hyperparameters[method.name] = hp
-            summary = train_run(plan.run_config(method.name, seed), data,
-                                out / "tune" / method.name / _label(hp),
+            folder = out / "tune" / method.name / _label(hp)
+            summary = train_run(plan.run_config(method.name, seed), data, folder,
                                 resume=resume, progress=progress, quiet=True)
             loss = summary.get("final_train_loss")
-            if summary["status"] != "done" or loss is None or not math.isfinite(loss):
-                loss = math.inf  # diverged: never the best point
+            if not _converged(summary, folder):
+                loss = math.inf  # diverged or no better than the start: never the best
             results.append({"spec": method.name, "hyperparameters": hp, "train_loss": loss,
                             "test_acc": summary.get("test_acc"), "status": summary["status"]})
             if loss < best_loss:
                 best_loss, best[method.name] = loss, hp
     unconverged = [m.name for m in plan.methods if m.name not in best]
     for name in unconverged:
-        print(f"note: tune: no point of {name} converged (every one diverged); it gets no "
+        print(f"note: tune: no point of {name} converged (each diverged or ended above the "
+              "untrained model's loss); it gets no "
               "settings, so `bench --settings` keeps its defaults", file=sys.stderr)
     settings = {
         "source": "natgrad tune", "dataset": plan.dataset, "model": plan.model,
@@ -143,6 +145,16 @@ def _tune(plan: BenchPlan, grids: dict[str, list[dict[str, Any]]], out: Path,
     Path(settings_path).parent.mkdir(parents=True, exist_ok=True)
     files.write_json(settings_path, settings)
     return settings
+
+
+def _converged(summary: dict[str, Any], folder: Path) -> bool:
+    """Finished with a finite training loss below the untrained model's test loss."""
+    loss = summary.get("final_train_loss")
+    if summary.get("status") != "done" or loss is None or not math.isfinite(loss):
+        return False
+    records = read_log(folder / "log.jsonl")
+    start = next((r.get("test_loss") for r in records if r.get("kind") == "eval"), None)
+    return start is None or loss < start
 
 
 def check_settings_out(path: str | os.PathLike) -> None:
