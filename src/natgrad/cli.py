@@ -375,6 +375,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         m_lrs = lrs or grid.get("lr_first_order" if m.first_order else "lr") or (
             grid.get("lr") if m.peer else None)
         grids[m.name] = grid_points(m, plan.hyperparameters[m.name], m_lrs, dampings, wds)
+        for hp in grids[m.name]:  # every point's values, before the first one trains
+            m.check(hp)
+    for option, values in (("--dampings", dampings), ("--weight-decays", wds)):
+        bad = [v for v in values or () if not (v >= 0 if option == "--weight-decays" else v > 0)]
+        if bad:
+            raise ValueError(f"{option} must be {'>= 0' if 'decays' in option else '> 0'}, "
+                             f"got {bad[0]:g}")
     settings_out = args.settings_out or str(Path(args.out) / "settings.json")
     check_settings_out(settings_out)
     if args.dry_run:
