@@ -131,3 +131,23 @@ def test_interleaved_resume_equals_a_straight_run(tmp_path, monkeypatch, capsys)
     assert main(["bench", *args, "--resume", "--out", str(tmp_path / "resumed")]) == 0
     assert _logs(tmp_path / "straight", ["sgd", "kfac"]) == _logs(tmp_path / "resumed",
                                                                   ["sgd", "kfac"])
+
+
+def test_the_shared_start_is_evaluated_once(tmp_path, monkeypatch):
+    """Every method starts from the same weights: one pass over the test set serves all
+    step-0 records; the evaluations after training are each method's own."""
+    calls = []
+    real = train_module.evaluate
+
+    def counting(net, *args, **kwargs):
+        calls.append(net)
+        return real(net, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", counting)
+    assert main(["bench", *TINY, "--methods", "sgd,adam,kfac", "--epochs", "0.25",
+                 "--evals-per-epoch", "1", "--out", str(tmp_path)]) == 0
+    assert len(calls) == 1 + 3
+    logs = _logs(tmp_path, ["sgd", "adam", "kfac"])
+    first = [{k: v for k, v in logs[s][0].items() if k != "lr"} for s in logs]
+    assert first[0] == first[1] == first[2]
+    assert logs["sgd"][0]["step"] == 0 and logs["sgd"][-1] != logs["kfac"][-1]

@@ -22,7 +22,7 @@ from .experiments.methods import default_specs, select
 __all__ = ["main", "TOTAL_TRAINING_MINUTES", "demo_specs"]
 
 #: Training-clock minutes shared by all methods (evaluation and start-up come on top).
-TOTAL_TRAINING_MINUTES = 3.0
+TOTAL_TRAINING_MINUTES = 2.0
 
 
 def demo_specs() -> list[str]:
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods, _ = select(demo_specs())
     minutes = round(TOTAL_TRAINING_MINUTES / max(1, len(methods)), 3)
     args = ["bench", "--dataset", "fashion-mnist", "--model", "cnn", "--epochs", "1",
-            "--minutes", str(minutes), "--evals-per-epoch", "4",
+            "--minutes", str(minutes), "--evals-per-epoch", "2",
             "--methods", ",".join(m.name for m in methods), "--out", "results/demo",
             "--fresh"]
     print(f"natgrad demo: {len(methods)} methods ({', '.join(m.name for m in methods)}), "

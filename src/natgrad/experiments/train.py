@@ -23,6 +23,7 @@ from it reproduces the uninterrupted run exactly).
 from __future__ import annotations
 
 import json
+import hashlib
 import math
 import os
 import random
@@ -433,9 +434,28 @@ class _Run:
             known = self.clock.plain_layers
             known.extend(n for n in plain if n not in known)
 
-    def eval_record(self) -> dict[str, Any]:
-        test_loss, test_acc = evaluate(self.net, self.data, self.cfg.eval_batch_size,
-                                       self.device, self.workers)
+    def weights_digest(self) -> str:
+        """A hash of the model's parameters and buffers (identical models, identical
+        evaluations)."""
+        h = hashlib.sha1()
+        for name, tensor in self.net.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
+
+    def eval_record(self, cache: dict | None = None) -> dict[str, Any]:
+        """Evaluate, log and return the record. With ``cache``, a model whose weights were
+        evaluated before on the same data (every method's step-0 model: same seed, same
+        initialisation) reuses that result instead of a second pass over the test set."""
+        key = (id(self.data), self.cfg.eval_batch_size, self.weights_digest()) if (
+            cache is not None) else None
+        if key is not None and key in cache:
+            test_loss, test_acc = cache[key]
+        else:
+            test_loss, test_acc = evaluate(self.net, self.data, self.cfg.eval_batch_size,
+                                           self.device, self.workers)
+            if key is not None:
+                cache[key] = (test_loss, test_acc)
         c = self.clock
         train_loss = c.loss_sum / c.loss_count if c.loss_count else None
         c.loss_sum, c.loss_count, c.last_eval_step = 0.0, 0, c.step
@@ -541,7 +561,7 @@ class _Run:
 
 
 def _open_run(cfg: RunConfig, data: ImageData, run_dir: Path, *, resume: bool, quiet: bool,
-              workers: Workers) -> _Run | dict[str, Any]:
+              workers: Workers, start_evals: dict | None = None) -> _Run | dict[str, Any]:
     """The run ready to train (resumed from its checkpoint, or started with its step-0
     evaluation), or the summary of a run that is already finished (``resume``)."""
     from tqdm.auto import tqdm
@@ -575,7 +595,7 @@ def _open_run(cfg: RunConfig, data: ImageData, run_dir: Path, *, resume: bool, q
         if workers.is_main:
             run.log_path.write_text("")
             run.checkpoint_path.unlink(missing_ok=True)
-        run.eval_record()
+        run.eval_record(start_evals)
     run.write_meta("running")
     return run
 
@@ -640,7 +660,8 @@ def train_runs(
     if progress is None:
         progress = sys.stderr.isatty()
     progress = progress and workers.is_main
-    kw = {"resume": resume, "quiet": quiet, "workers": workers}
+    # The runs of one seed start from the same weights: their step-0 evaluation is one.
+    kw = {"resume": resume, "quiet": quiet, "workers": workers, "start_evals": {}}
     summaries: list[dict[str, Any] | None] = [None] * len(cfgs)
     if interleave is not None and interleave < 1:
         raise ValueError(f"interleave must be None or an integer >= 1, got {interleave}")
