@@ -133,7 +133,8 @@ def test_two_benches_at_once_on_one_folder(tmp_path):
     keys = [(r["step"], r["kind"]) for r in
             train_module.read_log(tmp_path / "runs/sgd/seed0/log.jsonl")]
     # One writer: the step-0 evaluation first, every record once, in order.
-    assert keys[0] == (0, "eval") and keys == sorted(set(keys), key=lambda k: (k[0], k[1] == "eval"))
+    in_order = sorted(set(keys), key=lambda k: (k[0], k[1] == "eval"))
+    assert keys[0] == (0, "eval") and keys == in_order
     assert not (tmp_path / ".lock").exists()  # released on Ctrl-C too
 
 
@@ -141,7 +142,8 @@ def test_two_benches_at_once_on_one_folder(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--methods", "sgd,adam", "--lr", "adam=-1"], "adam: lr must be a finite number > 0, got -1"),
+        (["--methods", "sgd,adam", "--lr", "adam=-1"],
+         "adam: lr must be a finite number > 0, got -1"),
         (["--methods", "sgd", "--epochs", "0"], "--epochs must be a number > 0, got 0"),
         (["--methods", "kfac", "--damping", "0"],
          "kfac: damping must be a finite number > 0, got 0"),

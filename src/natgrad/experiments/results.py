@@ -281,8 +281,8 @@ def write_csv(rows: Sequence[Row], targets: Sequence[float], path: str | os.Path
         return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(x)
 
     head = ["method", "runs", "diverged", "fell_back", "test_acc_mean", "test_acc_std",
-            "test_loss_mean", "test_loss_std", "ms_per_iter_mean", "ms_per_iter_std", "ms_ratio_sgd",
-            "train_time_mean", "train_time_std"]
+            "test_loss_mean", "test_loss_std", "ms_per_iter_mean", "ms_per_iter_std",
+            "ms_ratio_sgd", "train_time_mean", "train_time_std"]
     for t in targets:
         head += [f"time_to_{t:g}_mean", f"time_to_{t:g}_std", f"epochs_to_{t:g}_mean",
                  f"reached_{t:g}", f"ratio_best_first_order_{t:g}"]
