@@ -151,3 +151,22 @@ def test_the_shared_start_is_evaluated_once(tmp_path, monkeypatch):
     first = [{k: v for k, v in logs[s][0].items() if k != "lr"} for s in logs]
     assert first[0] == first[1] == first[2]
     assert logs["sgd"][0]["step"] == 0 and logs["sgd"][-1] != logs["kfac"][-1]
+
+
+def test_the_demo_interleaves_every_method_and_soap(monkeypatch):
+    import natgrad
+    from natgrad import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "load_fashion_mnist", lambda: None)
+    monkeypatch.setattr(demo, "cli_main", lambda argv: seen.append(argv) or 0)
+    assert demo.main(["--seed", "3"]) == 0
+    (argv,) = seen
+    methods = argv[argv.index("--methods") + 1].split(",")
+    expected = ["sgd", "adam", *natgrad.METHODS] + (
+        ["soap"] if missing_reason("soap") is None else [])
+    assert methods == expected
+    assert "--interleave" not in argv  # bench's default: turns of 10 steps
+    minutes = float(argv[argv.index("--minutes") + 1])
+    assert minutes * len(methods) == pytest.approx(demo.TOTAL_TRAINING_MINUTES, rel=1e-2)
+    assert argv[-2:] == ["--seed", "3"]  # the user's options come last and win

@@ -13,7 +13,12 @@ the one-process run would draw, evaluation is split over the workers, and the cl
 0's (every worker adopts it each step, so budgets end on the same step everywhere). Rank 0
 alone writes the files below; a checkpoint serves every worker.
 
-Files in the run folder: ``meta.json`` (config, status, summary), ``log.jsonl`` (one JSON
+Several runs in one process (:func:`train_runs`) go one after another or take turns a
+few steps at a time; each owns its model, optimizer, preconditioner, data generator, RNG
+state and clock, so its numbers do not depend on the order.
+
+Files in the run folder (:class:`~natgrad.experiments.run_folder.RunFolder`):
+``meta.json`` (config, status, fallbacks, load average, summary), ``log.jsonl`` (one JSON
 object per line: ``kind`` = ``"train"`` every ``log_every`` steps or ``"eval"``, with
 ``step``, ``epoch``, ``time`` (training seconds), ``train_loss``, ``lr`` and, for evals,
 ``test_loss`` and ``test_acc``), ``checkpoint.pt`` (written at every epoch end; resuming
@@ -44,6 +49,7 @@ from . import files
 from .data import ImageData
 from .methods import resolve
 from .models import build_model, count_parameters
+from .run_folder import RunFolder
 from .schedule import LRSchedule
 from .workers import Workers, check_batch
 
@@ -225,7 +231,8 @@ class _Run:
 
     def __init__(self, cfg: RunConfig, data: ImageData, run_dir: Path,
                  workers: Workers) -> None:
-        self.cfg, self.data, self.dir, self.workers = cfg, data, run_dir, workers
+        self.cfg, self.data, self.workers = cfg, data, workers
+        self.folder = RunFolder(run_dir)
         if cfg.processes != workers.world_size:
             raise ValueError(f"the run is set up for {cfg.processes} processes but "
                              f"{workers.world_size} are running")
@@ -263,14 +270,6 @@ class _Run:
         self.say = lambda text: None
 
     # ------------------------------------------------------------------ files
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "log.jsonl"
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.dir / "checkpoint.pt"
-
     def write_meta(self, status: str, summary: dict[str, Any] | None = None) -> None:
         if not self.workers.is_main:
             return
@@ -288,7 +287,7 @@ class _Run:
             "load_average": self.load_summary(),
             "summary": summary or {},
         }
-        files.write_json(self.dir / "meta.json", meta)
+        self.folder.write_meta(meta)
 
     def fallbacks(self) -> dict[str, Any]:
         """Where the method was not itself: steps on the plain gradient and the
@@ -306,8 +305,7 @@ class _Run:
 
     def log(self, record: dict[str, Any]) -> None:
         if self.workers.is_main:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.folder.append(record)
         self.clock.log_lines += 1
 
     # ------------------------------------------------------------------ checkpoints
@@ -325,30 +323,23 @@ class _Run:
             "python_rng": random.getstate(),
             "clock": asdict(self.clock),
         }
-        files.atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
+        self.folder.save_checkpoint(state)
 
     def load_checkpoint(self) -> None:
         """Rank 0 reads the checkpoint and every worker adopts it (one copy serves all:
         their states are identical), so the folder need only be on rank 0's machine."""
         state, problem = None, None
         if self.workers.is_main:
+            path = self.folder.checkpoint_path
             try:
-                # Our own file of state_dicts and RNG states (Python tuples).
-                state = torch.load(self.checkpoint_path, map_location="cpu",
-                                   weights_only=False)
-            except Exception as e:  # truncated, empty, not a torch file...
-                first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-                problem = ValueError(
-                    f"{self.checkpoint_path} cannot be read ({type(e).__name__}: {first}); "
-                    "delete it to restart this run from the beginning")
-            if problem is None and (not isinstance(state, dict)
-                                    or state.get("version") != CHECKPOINT_VERSION):
-                version = state.get("version") if isinstance(state, dict) else None
-                problem = ValueError(f"{self.checkpoint_path}: unsupported checkpoint version "
-                                     f"{version!r}")
+                state = self.folder.load_checkpoint()
+            except ValueError as e:
+                problem = e
+            if problem is None and state.get("version") != CHECKPOINT_VERSION:
+                problem = ValueError(f"{path}: unsupported checkpoint version "
+                                     f"{state.get('version')!r}")
             elif problem is None and state["config"] != self.cfg.as_dict():
-                problem = ConfigMismatch(
-                    f"{self.checkpoint_path} was written with other settings")
+                problem = ConfigMismatch(f"{path} was written with other settings")
         state, problem = self.workers.from_main((None, problem) if problem else (state, None))
         if problem is not None:
             raise problem
@@ -363,8 +354,7 @@ class _Run:
         known = {f.name for f in fields(_Clock)}
         self.clock = _Clock(**{k: v for k, v in state["clock"].items() if k in known})
         if self.workers.is_main:
-            records = self.log_path.read_text().splitlines(keepends=True)
-            self.log_path.write_text("".join(records[: self.clock.log_lines]))
+            self.folder.keep_log_lines(self.clock.log_lines)
 
     # ------------------------------------------------------------------ steps
     def epoch(self) -> float:
@@ -570,7 +560,7 @@ def _open_run(cfg: RunConfig, data: ImageData, run_dir: Path, *, resume: bool, q
     finding: tuple[str, Any] = ("start", None)
     if workers.is_main:
         try:
-            finding = _resume_finding(run_dir, cfg, resume)
+            finding = RunFolder(run_dir).finding(cfg.as_dict(), resume)
         except ValueError as e:
             finding = ("error", str(e))
     kind, detail = workers.from_main(finding)
@@ -593,8 +583,7 @@ def _open_run(cfg: RunConfig, data: ImageData, run_dir: Path, *, resume: bool, q
         say(f"resumed at epoch {run.epoch():.2f} (step {run.clock.step})")
     else:
         if workers.is_main:
-            run.log_path.write_text("")
-            run.checkpoint_path.unlink(missing_ok=True)
+            run.folder.start()
         run.eval_record(start_evals)
     run.write_meta("running")
     return run
@@ -723,25 +712,3 @@ def train_run(
     """
     return train_runs([cfg], data, [run_dir], resume=resume, progress=progress, quiet=quiet,
                       stop_after_steps=stop_after_steps, workers=workers)[0]
-
-
-def _resume_finding(run_dir: Path, cfg: RunConfig, resume: bool) -> tuple[str, Any]:
-    """What the run folder says (rank 0 only; creates it): ``("finished", summary)``,
-    ``("mismatch", message)``, ``("resume", None)`` or ``("start", None)``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    files.remove_stale_temporaries(run_dir)
-    meta_path = run_dir / "meta.json"
-    if not resume:
-        return "start", None
-    if meta_path.exists():
-        meta = files.read_json(meta_path, "run record")
-        if not isinstance(meta, dict):
-            raise ValueError(f"run record {meta_path} is not a JSON object")
-        if meta.get("config") != cfg.as_dict():
-            return "mismatch", (f"{run_dir} holds a run with other settings; use another --out "
-                                "or drop --resume")
-        if meta.get("status") in ("done", "diverged"):
-            return "finished", meta["summary"]
-    if (run_dir / "checkpoint.pt").exists():
-        return "resume", None
-    return "start", None
