@@ -56,8 +56,9 @@ SCHEDULE = {"T_cov": 1, "T_inv": 2, "T_s": 1, "k": 1}
 #: another order (``g_i = M_w·∂L_w/∂s_i`` with a local ``M_w``; means of partial sums), and
 #: the preconditioner amplifies rounding by its condition number. SKFAC damps each factor
 #: with λ = 1e-3 alone (no factored split), so its amplification is ~1e3 larger: measured
-#: 2.6e-8 after 5 steps, against O(1e-2 … 1) for any real disagreement.
-RTOL = {"skfac": 1e-7}
+#: 2.6e-8 after 5 steps on one machine and 1.03e-7 on an AMD EPYC (other BLAS kernels,
+#: other rounding), against O(1e-2 … 1) for any real disagreement.
+RTOL = {"skfac": 1e-6}
 
 
 def make_model() -> nn.Module:
@@ -254,6 +255,7 @@ def assert_same(a, b, where: str, exact: bool, rtol: float = 1e-9) -> None:
 
 
 # ---------------------------------------------------------------------- equivalence
+@pytest.mark.slow  # spawns worker processes
 @pytest.mark.parametrize("method,share", scenarios())
 def test_workers_agree_with_each_other_and_with_one_process(workers, method, share):
     ranks, _ = workers
@@ -309,6 +311,7 @@ def test_workers_agree_with_each_other_and_with_one_process(workers, method, sha
         assert err < 10 * rtol, f"{method}/{share} layer {name}: relative error {err:.2e}"
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_factors_are_the_global_batchs_with_unequal_local_batches(workers):
     ranks, _ = workers
     f0, f1 = (result(workers, "unequal", r)["factors"] for r in range(WORLD))
@@ -318,6 +321,7 @@ def test_factors_are_the_global_batchs_with_unequal_local_batches(workers):
     assert_same(f0, pre.factors(), "factors vs one process", exact=False)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_every_layer_has_one_owner_in_the_run(workers):
     ranks, _ = workers
     owners = result(workers, "kfac/inverse", 0)["owners"]
@@ -326,6 +330,7 @@ def test_every_layer_has_one_owner_in_the_run(workers):
     assert set(owners.values()) == set(range(WORLD))  # 4 layers, 2 workers: both work
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_measured_bytes_match_the_tensors_that_travel(workers):
     """K-FAC, share='inverse': per factor update and layer, one 4-byte flag and one
     all-reduce of ``A``, ``G`` and the weight (float64); per refresh, each owner's inverses."""
@@ -345,6 +350,7 @@ def test_measured_bytes_match_the_tensors_that_travel(workers):
 
 
 # ---------------------------------------------------------------------- failures
+@pytest.mark.slow  # spawns worker processes
 def test_a_worker_that_raises_stops_every_worker_with_a_clear_error(workers):
     ranks, _ = workers
     r0, r1 = ranks[0]["raises"], ranks[1]["raises"]
@@ -354,6 +360,7 @@ def test_a_worker_that_raises_stops_every_worker_with_a_clear_error(workers):
     assert r0["seconds"] < 5 and r1["seconds"] < 5
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_a_worker_that_vanishes_fails_the_other_before_the_timeout(workers):
     _, vanish = workers
     out = vanish["vanishes"]
