@@ -110,6 +110,7 @@ def test_the_lock_is_held_while_training(tmp_path, monkeypatch):
     assert held[0]["pid"] == os.getpid() and not (tmp_path / ".lock").exists()
 
 
+@pytest.mark.slow  # two end-to-end benches as subprocesses
 def test_two_benches_at_once_on_one_folder(tmp_path):
     """Two real processes: the second is refused while the first trains (before: both
     ran, and the logs held duplicated, out-of-order records)."""
@@ -253,7 +254,7 @@ def test_tune_settings_out_is_checked_before_the_grid(tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # an end-to-end bench as a subprocess
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     """A file-size limit (the writer gets EFBIG, as it gets ENOSPC on a full disk) hits the
     first checkpoint: before, 38 lines of traceback ending in ``enforce fail at

@@ -43,9 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from natgrad import NumericalWarning
-
 from . import files
+from . import run_health as health
 from .data import ImageData
 from .methods import resolve
 from .models import build_model, count_parameters
@@ -213,17 +212,6 @@ class _RngState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-#: Warnings other than numerical ones, passed on once per text and place.
-_PASSED_ON: dict = {}
-
-
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
 class _Run:
     """The state of one run in progress (model, optimizer, preconditioner, data generator,
     RNG state, clock and files): everything that makes it independent of other runs in
@@ -283,78 +271,16 @@ class _Run:
             "steps_per_epoch": self.steps_per_epoch,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "fallbacks": self.fallbacks(),
-            "load_average": self.load_summary(),
+            "fallbacks": health.fallbacks(self.clock),
+            "load_average": health.load_summary(self.clock.loads),
             "summary": summary or {},
         }
         self.folder.write_meta(meta)
-
-    def fallbacks(self) -> dict[str, Any]:
-        """Where the method was not itself: steps on the plain gradient and the
-        preconditioner's numerical warnings."""
-        c = self.clock
-        return {"plain_gradient_steps": c.plain_steps, "plain_gradient_layers": c.plain_layers,
-                "warnings": c.numerical}
-
-    def load_summary(self) -> dict[str, float] | None:
-        loads = self.clock.loads
-        if not loads:
-            return None
-        return {"min": min(loads), "mean": round(sum(loads) / len(loads), 2),
-                "max": max(loads), "samples": len(loads)}
 
     def log(self, record: dict[str, Any]) -> None:
         if self.workers.is_main:
             self.folder.append(record)
         self.clock.log_lines += 1
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> None:
-        if not self.workers.is_main:
-            return
-        state = {
-            "version": CHECKPOINT_VERSION,
-            "config": self.cfg.as_dict(),
-            "model": self.net.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "preconditioner": self.pre.state_dict() if self.pre is not None else None,
-            "data_generator": self.data_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "clock": asdict(self.clock),
-        }
-        self.folder.save_checkpoint(state)
-
-    def load_checkpoint(self) -> None:
-        """Rank 0 reads the checkpoint and every worker adopts it (one copy serves all:
-        their states are identical), so the folder need only be on rank 0's machine."""
-        state, problem = None, None
-        if self.workers.is_main:
-            path = self.folder.checkpoint_path
-            try:
-                state = self.folder.load_checkpoint()
-            except ValueError as e:
-                problem = e
-            if problem is None and state.get("version") != CHECKPOINT_VERSION:
-                problem = ValueError(f"{path}: unsupported checkpoint version "
-                                     f"{state.get('version')!r}")
-            elif problem is None and state["config"] != self.cfg.as_dict():
-                problem = ConfigMismatch(f"{path} was written with other settings")
-        state, problem = self.workers.from_main((None, problem) if problem else (state, None))
-        if problem is not None:
-            raise problem
-        self.net.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        if self.pre is not None:
-            self.pre.load_state_dict(state["preconditioner"])
-        self.data_gen.set_state(state["data_generator"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
-        random.setstate(state["python_rng"])
-        self.rng.save()
-        known = {f.name for f in fields(_Clock)}
-        self.clock = _Clock(**{k: v for k, v in state["clock"].items() if k in known})
-        if self.workers.is_main:
-            self.folder.keep_log_lines(self.clock.log_lines)
 
     # ------------------------------------------------------------------ steps
     def epoch(self) -> float:
@@ -409,35 +335,14 @@ class _Run:
         value, elapsed = self.workers.sum(mine).tolist()
         self.clock.time += elapsed
         self.clock.step += 1
-        self._note_plain_gradient()
+        health.note_plain_gradient(self.pre, self.clock)
         return value / self.workers.world_size
-
-    def _note_plain_gradient(self) -> None:
-        """Count the step if a layer with statistics had no inverse to apply (so its update
-        was the plain gradient's); off the clock."""
-        if self.pre is None:
-            return
-        plain = [name for name, layer in self.pre.layers.items()
-                 if layer.curvature.initialized and not layer.inverse.ready]
-        if plain:
-            self.clock.plain_steps += 1
-            known = self.clock.plain_layers
-            known.extend(n for n in plain if n not in known)
-
-    def weights_digest(self) -> str:
-        """A hash of the model's parameters and buffers (identical models, identical
-        evaluations)."""
-        h = hashlib.sha1()
-        for name, tensor in self.net.state_dict().items():
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-        return h.hexdigest()
 
     def eval_record(self, cache: dict | None = None) -> dict[str, Any]:
         """Evaluate, log and return the record. With ``cache``, a model whose weights were
         evaluated before on the same data (every method's step-0 model: same seed, same
         initialisation) reuses that result instead of a second pass over the test set."""
-        key = (id(self.data), self.cfg.eval_batch_size, self.weights_digest()) if (
+        key = (id(self.data), self.cfg.eval_batch_size, _weights_digest(self.net)) if (
             cache is not None) else None
         if key is not None and key in cache:
             test_loss, test_acc = cache[key]
@@ -456,7 +361,7 @@ class _Run:
         }
         self.log(record)
         c.last_eval = record
-        load = _load_average()
+        load = health.load_average()
         if load is not None:
             c.loads.append(load)
         return record
@@ -479,20 +384,8 @@ class _Run:
                 self._advance(max_steps, on_step, stop_after_steps)
         finally:
             self.rng.save()
-            self._keep_warnings(caught)
+            health.keep_warnings(caught, self.clock, self.say)
         return self.status == "running"
-
-    def _keep_warnings(self, caught: list[warnings.WarningMessage]) -> None:
-        """Record the preconditioner's numerical warnings; pass any other warning on."""
-        for w in caught:
-            if issubclass(w.category, NumericalWarning):
-                entry = {"step": self.clock.step, "message": str(w.message)}
-                if all(e["message"] != entry["message"] for e in self.clock.numerical):
-                    self.clock.numerical.append(entry)
-                    self.say(f"warning: {w.message}")
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
-                                       registry=_PASSED_ON)
 
     def _advance(self, max_steps: int | None, on_step, stop_after_steps: int | None) -> None:
         cfg, c = self.cfg, self.clock
@@ -522,7 +415,7 @@ class _Run:
                          f"train loss {r['train_loss']:.4f} test loss {r['test_loss']:.4f} "
                          f"acc {100 * r['test_acc']:.2f}%")
             if position == self.steps_per_epoch:
-                self.save_checkpoint()
+                _save_checkpoint(self)
             if stop_after_steps is not None and c.step >= stop_after_steps:
                 raise KeyboardInterrupt(f"stopped after {c.step} steps (stop_after_steps)")
         if not self.budget_left():
@@ -548,6 +441,66 @@ class _Run:
         self.write_meta(status, summary)
         self.status = status
         return summary
+
+
+def _weights_digest(net: nn.Module) -> str:
+    """A hash of the model's parameters and buffers (identical models, identical
+    evaluations)."""
+    h = hashlib.sha1()
+    for name, tensor in net.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """Rank 0 writes the run's state at an epoch end (:class:`RunFolder`, atomically)."""
+    if not run.workers.is_main:
+        return
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "config": run.cfg.as_dict(),
+        "model": run.net.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "preconditioner": run.pre.state_dict() if run.pre is not None else None,
+        "data_generator": run.data_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "clock": asdict(run.clock),
+    }
+    run.folder.save_checkpoint(state)
+
+
+def _load_checkpoint(run: _Run) -> None:
+    """Rank 0 reads the checkpoint and every worker adopts it (one copy serves all:
+    their states are identical), so the folder need only be on rank 0's machine."""
+    state, problem = None, None
+    if run.workers.is_main:
+        path = run.folder.checkpoint_path
+        try:
+            state = run.folder.load_checkpoint()
+        except ValueError as e:
+            problem = e
+        if problem is None and state.get("version") != CHECKPOINT_VERSION:
+            problem = ValueError(f"{path}: unsupported checkpoint version "
+                                 f"{state.get('version')!r}")
+        elif problem is None and state["config"] != run.cfg.as_dict():
+            problem = ConfigMismatch(f"{path} was written with other settings")
+    state, problem = run.workers.from_main((None, problem) if problem else (state, None))
+    if problem is not None:
+        raise problem
+    run.net.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    if run.pre is not None:
+        run.pre.load_state_dict(state["preconditioner"])
+    run.data_gen.set_state(state["data_generator"].cpu())
+    torch.set_rng_state(state["torch_rng"].cpu())
+    random.setstate(state["python_rng"])
+    run.rng.save()
+    known = {f.name for f in fields(_Clock)}
+    run.clock = _Clock(**{k: v for k, v in state["clock"].items() if k in known})
+    if run.workers.is_main:
+        run.folder.keep_log_lines(run.clock.log_lines)
 
 
 def _open_run(cfg: RunConfig, data: ImageData, run_dir: Path, *, resume: bool, quiet: bool,
@@ -579,7 +532,7 @@ def _open_run(cfg: RunConfig, data: ImageData, run_dir: Path, *, resume: bool, q
 
     run.say = say
     if kind == "resume":
-        run.load_checkpoint()
+        _load_checkpoint(run)
         say(f"resumed at epoch {run.epoch():.2f} (step {run.clock.step})")
     else:
         if workers.is_main:
