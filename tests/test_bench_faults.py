@@ -384,3 +384,26 @@ def test_the_machine_load_is_recorded_through_the_run(tmp_path):
         meta["load_average"]["max"])
     assert re.search(r"at the start, [\d.]+–[\d.]+ \(mean [\d.]+\) during the runs",
                      (tmp_path / "results.md").read_text())
+
+
+def test_an_experiment_matches_itself_through_json():
+    """A tuple-valued setting (``--set soap:betas=...`` from a settings file) reads back
+    from ``bench.json`` as a list: still the same experiment."""
+    from natgrad.experiments.bench import _differences
+
+    old = {"hyperparameters": {"soap": {"betas": [0.9, 0.95]}}, "epochs": 1, "targets": [0.9]}
+    new = {"hyperparameters": {"soap": {"betas": (0.9, 0.95)}}, "epochs": 1, "targets": [0.8]}
+    assert _differences(old, new) == []  # targets only change the report
+    assert _differences(old, {**new, "epochs": 2}) == ["epochs"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lrs", "-0.1"], "sgd: lr must be a finite number > 0, got -0.1"),
+    (["--dampings", "0"], "--dampings must be > 0, got 0"),
+    (["--weight-decays", "-1"], "--weight-decays must be >= 0, got -1"),
+])
+def test_tune_checks_every_grid_point_first(tmp_path, capsys, argv, message):
+    assert main(["tune", *HALF, "--methods", "sgd,kfac", *argv, "--out",
+                 str(tmp_path / "t")]) == 2
+    _one_line_error(capsys, re.escape(message))
+    assert not (tmp_path / "t").exists()

@@ -360,28 +360,14 @@ def _launch_bench(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from natgrad.experiments.files import check_output_folder
     from natgrad.experiments.presets import get_preset
-    from natgrad.experiments.tune import check_settings_out, grid_points, run_tune
+    from natgrad.experiments.tune import build_grids, check_settings_out, run_tune
 
     plan = _plan(args, default_epochs=2)
     plan.evals_per_epoch = 1
-    grid = get_preset(args.preset).grid if args.preset else {}
-    lrs = _floats("--lrs", args.lrs)
-    dampings = _floats("--dampings", args.dampings) or grid.get("damping")
-    wds = _floats("--weight-decays", args.weight_decays)
-    if wds is None:
-        wds = grid.get("weight_decay")
-    grids = {}
-    for m in plan.methods:
-        m_lrs = lrs or grid.get("lr_first_order" if m.first_order else "lr") or (
-            grid.get("lr") if m.peer else None)
-        grids[m.name] = grid_points(m, plan.hyperparameters[m.name], m_lrs, dampings, wds)
-        for hp in grids[m.name]:  # every point's values, before the first one trains
-            m.check(hp)
-    for option, values in (("--dampings", dampings), ("--weight-decays", wds)):
-        bad = [v for v in values or () if not (v >= 0 if option == "--weight-decays" else v > 0)]
-        if bad:
-            raise ValueError(f"{option} must be {'>= 0' if 'decays' in option else '> 0'}, "
-                             f"got {bad[0]:g}")
+    grids = build_grids(plan, get_preset(args.preset).grid if args.preset else {},
+                        lrs=_floats("--lrs", args.lrs),
+                        dampings=_floats("--dampings", args.dampings),
+                        weight_decays=_floats("--weight-decays", args.weight_decays))
     settings_out = args.settings_out or str(Path(args.out) / "settings.json")
     check_settings_out(settings_out)
     if args.dry_run:

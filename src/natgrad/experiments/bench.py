@@ -12,6 +12,7 @@ Results folder layout (one experiment per folder)::
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -152,6 +153,9 @@ def _settings_text(hp: dict[str, Any]) -> str:
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The :data:`IDENTITY` entries in which two ``bench.json`` objects differ (``new`` as
+    JSON would read it back: tuples become lists)."""
+    new = json.loads(json.dumps(new))
     return [k for k in IDENTITY if k in old and k in new and old[k] != new[k]]
 
 

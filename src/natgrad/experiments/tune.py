@@ -33,7 +33,7 @@ from .data import load
 from .methods import MethodSpec, resolve
 from .train import read_log, train_run
 
-__all__ = ["grid_points", "run_tune", "read_settings", "check_settings_out", "LR_MULTIPLIERS",
+__all__ = ["grid_points", "build_grids", "run_tune", "read_settings", "check_settings_out", "LR_MULTIPLIERS",
            "DEFAULT_DAMPINGS", "DEFAULT_WEIGHT_DECAYS", "CRITERION"]
 
 #: Default learning-rate grid: each method's default lr times these.
@@ -68,6 +68,42 @@ def grid_points(
             hp["damping"] = float(damping)
         points.append(hp)
     return points
+
+
+def build_grids(
+    plan: BenchPlan,
+    preset_grid: dict[str, Sequence[float]] | None = None,
+    *,
+    lrs: Sequence[float] | None = None,
+    dampings: Sequence[float] | None = None,
+    weight_decays: Sequence[float] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every method's grid points: the given values, else the preset's grid (``lr``, or
+    ``lr_first_order`` for first-order baselines; ``damping``; ``weight_decay``), else the
+    defaults of :func:`grid_points`. Every point's values are checked here, before the
+    first one trains.
+
+    Raises:
+        ValueError: a damping <= 0, a weight decay < 0 or a point's lr out of range.
+    """
+    grid = dict(preset_grid or {})
+    dampings = dampings or grid.get("damping")
+    weight_decays = grid.get("weight_decay") if weight_decays is None else weight_decays
+    for option, values, ok, allowed in (
+            ("--dampings", dampings, lambda v: v > 0, "> 0"),
+            ("--weight-decays", weight_decays, lambda v: v >= 0, ">= 0")):
+        bad = [v for v in values or () if not (math.isfinite(v) and ok(v))]
+        if bad:
+            raise ValueError(f"{option} must be {allowed}, got {bad[0]:g}")
+    grids = {}
+    for m in plan.methods:
+        m_lrs = lrs or grid.get("lr_first_order" if m.first_order else "lr") or (
+            grid.get("lr") if m.peer else None)
+        grids[m.name] = grid_points(m, plan.hyperparameters[m.name], m_lrs, dampings,
+                                    weight_decays)
+        for hp in grids[m.name]:
+            m.check(hp)
+    return grids
 
 
 def _label(hp: dict[str, Any]) -> str:
