@@ -407,3 +407,15 @@ def test_tune_checks_every_grid_point_first(tmp_path, capsys, argv, message):
                  str(tmp_path / "t")]) == 2
     _one_line_error(capsys, re.escape(message))
     assert not (tmp_path / "t").exists()
+
+
+def test_a_plan_from_typed_options_without_the_command_line():
+    from natgrad.experiments.plan import PlanOptions, build_plan
+
+    plan = build_plan(PlanOptions(dataset="digits", model="mlp", methods=["sgd", "kfac"],
+                                  damping=["kfac=0.2"], epochs=0.5), default_epochs=3)
+    assert [m.name for m in plan.methods] == ["sgd", "kfac"] and plan.epochs == 0.5
+    assert plan.hyperparameters["kfac"]["damping"] == 0.2 and plan.interleave == 10
+    with pytest.raises(ValueError, match="kfac: damping must be a finite number > 0"):
+        build_plan(PlanOptions(dataset="digits", model="mlp", methods=["kfac"],
+                               damping=["-1"]), default_epochs=1)

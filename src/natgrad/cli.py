@@ -175,112 +175,16 @@ def _targets(text: str | None) -> list[float] | None:
     return out
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    """Ranges of the numeric options, named as on the command line."""
-    import math
-
-    from natgrad.experiments.train import MAX_SEED
-
-    for option, value in (("--epochs", args.epochs), ("--minutes", args.minutes)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{option} must be a number > 0, got {value:g}")
-    for option, value in (("--batch-size", args.batch_size),
-                          ("--evals-per-epoch", args.evals_per_epoch),
-                          ("--log-every", args.log_every), ("--threads", args.threads),
-                          ("--repeats", getattr(args, "repeats", 1))):
-        if value is not None and value < 1:
-            raise ValueError(f"{option} must be an integer >= 1, got {value}")
-    repeats = getattr(args, "repeats", 1)
-    if not 0 <= args.seed <= MAX_SEED - (repeats - 1):
-        extra = f" (with --repeats {repeats}: up to 2^63-{repeats})" if repeats > 1 else ""
-        raise ValueError(f"--seed must be an integer in 0 … 2^63-1{extra}, got {args.seed}")
-    interleave = getattr(args, "interleave", None)
-    if interleave is not None and interleave < 0:
-        raise ValueError(f"--interleave must be an integer >= 0 (0: one method after "
-                         f"another), got {interleave}")
-
-
 def _plan(args: argparse.Namespace, default_epochs: float):
-    """Resolve data/model/methods/hyperparameters/budget into a BenchPlan and validate it:
-    every run's configuration and every method's optimizer and preconditioner are built
-    (on the model, without data), so a bad value fails here, before anything is written."""
-    from natgrad.experiments import methods as M
-    from natgrad.experiments.bench import DEFAULT_INTERLEAVE, DEFAULT_TARGETS, BenchPlan
-    from natgrad.experiments.presets import get_preset
-    from natgrad.experiments.schedule import LRSchedule, parse_schedule
-    from natgrad.experiments.tune import read_settings
+    """The validated :class:`~natgrad.experiments.bench.BenchPlan` of the command line
+    (:func:`~natgrad.experiments.plan.build_plan` on its typed options)."""
+    from natgrad.experiments.plan import PlanOptions, build_plan
 
-    _check_numbers(args)
-    preset = get_preset(args.preset) if args.preset else None
-    if args.methods is not None:
-        specs = [s for s in args.methods.split(",") if s.strip()]
-        if not specs:
-            raise ValueError(f"--methods is empty ({args.methods!r}); give comma-separated "
-                             "specs, e.g. sgd,adam,kfac")
-    elif preset is not None:
-        specs = [s for s in preset.methods if _installed(s)]
-    else:
-        specs = M.default_specs()
-    methods, skipped = M.select(specs)
-    notes = list(skipped)  # printed once, with the other notes, when the bench starts
-    if not methods:
-        raise ValueError(f"no method left to run from --methods {args.methods!r} "
-                         f"({'; '.join(skipped)})")
-    preset_hp = (
-        {m.name: preset.settings_for(m.name, m.method is not None) for m in methods}
-        if preset else None
-    )
-    settings = None
-    if getattr(args, "settings", None):
-        settings = {M.resolve(k).name: v for k, v in read_settings(args.settings).items()}
-    overrides: dict = {}
-    for option, key, values in (("--lr", "lr", args.lr),
-                                ("--weight-decay", "weight_decay", args.weight_decay),
-                                ("--damping", "damping", args.damping),
-                                ("--set", None, args.set)):
-        for target, hp in M.parse_overrides(option, key, values).items():
-            overrides.setdefault(target, {}).update(hp)
-    hyperparameters, hp_notes = M.merge_hyperparameters(
-        methods, preset=preset_hp, settings=settings, overrides=overrides)
-    notes += hp_notes
-    if args.lr_schedule:
-        schedule = parse_schedule(args.lr_schedule)
-    elif preset is not None:
-        schedule = preset.schedule_for(args.dataset)
-    else:
-        schedule = LRSchedule()
-    epochs, minutes = args.epochs, args.minutes
-    if epochs is None and minutes is None:
-        epochs = default_epochs
-    if schedule.needs_epochs() and epochs is None:
-        raise ValueError(f"--lr-schedule {schedule} needs --epochs (it anneals to the end)")
-    batch = args.batch_size if args.batch_size is not None else (
-        preset.batch_size if preset else 128)
-    targets = _targets(getattr(args, "targets", None)) or list(
-        DEFAULT_TARGETS.get(args.dataset, (0.9,)))
-    repeats = getattr(args, "repeats", 1)
-    interleave = getattr(args, "interleave", None)
-    interleave = DEFAULT_INTERLEAVE if interleave is None else (interleave or None)
-    plan = BenchPlan(
-        dataset=args.dataset, model=args.model, methods=methods,
-        hyperparameters=hyperparameters, batch_size=batch, epochs=epochs, minutes=minutes,
-        seeds=[args.seed + i for i in range(repeats)], targets=targets, schedule=schedule,
-        evals_per_epoch=args.evals_per_epoch, log_every=args.log_every,
-        augment=False if args.no_augment else None, data_dir=args.data_dir,
-        device=args.device, preset=args.preset, notes=notes, interleave=interleave,
-    )
-    plan.validate()
-    return plan
-
-
-def _installed(spec: str) -> bool:
-    from natgrad.experiments.methods import resolve
-
-    try:
-        resolve(spec)
-    except ValueError:
-        return False
-    return True
+    methods = None if args.methods is None else args.methods.split(",")
+    options = PlanOptions.from_namespace(
+        args, methods=methods, targets=_targets(getattr(args, "targets", None)),
+        augment=False if args.no_augment else None)
+    return build_plan(options, default_epochs)
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
