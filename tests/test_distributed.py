@@ -56,8 +56,9 @@ SCHEDULE = {"T_cov": 1, "T_inv": 2, "T_s": 1, "k": 1}
 #: another order (``g_i = M_w·∂L_w/∂s_i`` with a local ``M_w``; means of partial sums), and
 #: the preconditioner amplifies rounding by its condition number. SKFAC damps each factor
 #: with λ = 1e-3 alone (no factored split), so its amplification is ~1e3 larger: measured
-#: 2.6e-8 after 5 steps, against O(1e-2 … 1) for any real disagreement.
-RTOL = {"skfac": 1e-7}
+#: 2.6e-8 after 5 steps on one machine and 1.03e-7 on an AMD EPYC (other BLAS kernels,
+#: other rounding), against O(1e-2 … 1) for any real disagreement.
+RTOL = {"skfac": 1e-6}
 
 
 def make_model() -> nn.Module:

@@ -86,6 +86,10 @@ def gram(
         block.addmm_(rows[:, lo:hi].T, rows[:, lo:], beta=beta if accumulate else 0.0, alpha=alpha)
     for lo, hi in zip(edges[:-1], edges[1:]):
         out[hi:, lo:hi].copy_(out[lo:hi, hi:].T)
+        # A BLAS need not return a bitwise-symmetric diagonal block (AVX-512 kernels on
+        # AMD EPYC do not): mirror its upper triangle too, so ``out`` is exactly symmetric.
+        diagonal = out[lo:hi, lo:hi]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
     return out
 
 
