@@ -35,14 +35,29 @@ def digit_batches(n: int, size: int = 32, seed: int = 1) -> list[tuple[torch.Ten
     return out
 
 
-def train(model, pre, opt, data) -> list[float]:
-    """zero_grad, cross-entropy backward, ``pre.step()``, ``opt.step()`` per batch; losses."""
+def tiny_cnn(kernel=3, stride=2, padding=1, dilation=1, bias=True, seed=None) -> nn.Module:
+    """Conv 2→3 (``kernel``, ``stride``, …), Tanh, linear →4, for ``(M, 2, 7, 7)`` inputs
+    (with the defaults also ``(M, 2, 8, 8)``); seeded with ``seed`` unless ``None``."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    side = (7 + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * side * side, 4))
+
+
+def train(model, pre, opt, data, mc=False) -> list[float]:
+    """zero_grad, cross-entropy backward, ``pre.step()`` (unless ``pre`` is ``None``),
+    ``opt.step()`` per batch; the losses. ``mc``: ``pre.sample_fisher`` before backward."""
     losses = []
     for x, y in data:
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
+        out = model(x)
+        if mc:
+            pre.sample_fisher(out)
+        loss = F.cross_entropy(out, y)
         loss.backward()
-        pre.step()
+        if pre is not None:
+            pre.step()
         opt.step()
         losses.append(loss.item())
     return losses

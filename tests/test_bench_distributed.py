@@ -54,6 +54,7 @@ def two_benches(tmp_path_factory):
     return root / "one", root / "two", done.stdout
 
 
+@pytest.mark.slow  # end-to-end bench on spawned workers
 def test_nproc_2_equals_one_process(two_benches):
     one, two, _ = two_benches
     for spec in METHODS.split(","):
@@ -74,6 +75,7 @@ def test_nproc_2_equals_one_process(two_benches):
         assert meta["config"]["processes"] == 2 and meta["status"] == "done"
 
 
+@pytest.mark.slow  # end-to-end bench on spawned workers
 def test_nproc_2_writes_one_set_of_files(two_benches):
     _, two, stdout = two_benches
     assert stdout.count("# natgrad bench: mlp on digits") == 1  # rank 0 alone prints
@@ -109,6 +111,7 @@ def _resume_worker(rank: int, port: int, outdir: str) -> None:
     workers.close()
 
 
+@pytest.mark.slow  # end-to-end bench on spawned workers
 def test_two_process_resume_is_exact(tmp_path):
     spawn_and_wait(_resume_worker, (free_port(), str(tmp_path)), 2, DEADLINE_S,
                    "2-worker resume")
@@ -163,6 +166,7 @@ def _workers_of(job: subprocess.Popen) -> list[int]:
     return [int(pid) for pid in out.split()]
 
 
+@pytest.mark.slow  # end-to-end bench on spawned workers
 def test_a_dying_worker_stops_the_job_with_a_message(tmp_path):
     job = _start_long_bench(tmp_path)
     workers = _workers_of(job)
@@ -174,6 +178,7 @@ def test_a_dying_worker_stops_the_job_with_a_message(tmp_path):
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
 
 
+@pytest.mark.slow  # end-to-end bench on spawned workers
 def test_ctrl_c_stops_every_worker_and_says_so_once(tmp_path):
     job = _start_long_bench(tmp_path)
     workers = _workers_of(job)

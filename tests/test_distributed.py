@@ -255,6 +255,7 @@ def assert_same(a, b, where: str, exact: bool, rtol: float = 1e-9) -> None:
 
 
 # ---------------------------------------------------------------------- equivalence
+@pytest.mark.slow  # spawns worker processes
 @pytest.mark.parametrize("method,share", scenarios())
 def test_workers_agree_with_each_other_and_with_one_process(workers, method, share):
     ranks, _ = workers
@@ -310,6 +311,7 @@ def test_workers_agree_with_each_other_and_with_one_process(workers, method, sha
         assert err < 10 * rtol, f"{method}/{share} layer {name}: relative error {err:.2e}"
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_factors_are_the_global_batchs_with_unequal_local_batches(workers):
     ranks, _ = workers
     f0, f1 = (result(workers, "unequal", r)["factors"] for r in range(WORLD))
@@ -319,6 +321,7 @@ def test_factors_are_the_global_batchs_with_unequal_local_batches(workers):
     assert_same(f0, pre.factors(), "factors vs one process", exact=False)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_every_layer_has_one_owner_in_the_run(workers):
     ranks, _ = workers
     owners = result(workers, "kfac/inverse", 0)["owners"]
@@ -327,6 +330,7 @@ def test_every_layer_has_one_owner_in_the_run(workers):
     assert set(owners.values()) == set(range(WORLD))  # 4 layers, 2 workers: both work
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_measured_bytes_match_the_tensors_that_travel(workers):
     """K-FAC, share='inverse': per factor update and layer, one 4-byte flag and one
     all-reduce of ``A``, ``G`` and the weight (float64); per refresh, each owner's inverses."""
@@ -346,6 +350,7 @@ def test_measured_bytes_match_the_tensors_that_travel(workers):
 
 
 # ---------------------------------------------------------------------- failures
+@pytest.mark.slow  # spawns worker processes
 def test_a_worker_that_raises_stops_every_worker_with_a_clear_error(workers):
     ranks, _ = workers
     r0, r1 = ranks[0]["raises"], ranks[1]["raises"]
@@ -355,6 +360,7 @@ def test_a_worker_that_raises_stops_every_worker_with_a_clear_error(workers):
     assert r0["seconds"] < 5 and r1["seconds"] < 5
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_a_worker_that_vanishes_fails_the_other_before_the_timeout(workers):
     _, vanish = workers
     out = vanish["vanishes"]

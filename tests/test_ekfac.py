@@ -5,6 +5,7 @@ across bases, and the per-sample second-moment helper."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_cnn
 from reference import per_sample_grad_matrices, unvec, vec
 from torch import nn
 
@@ -26,12 +27,6 @@ CONV_CASES = [  # (kernel, stride, padding, dilation, bias)
 
 def tiny_mlp(bias=True):
     return nn.Sequential(nn.Linear(6, 5, bias=bias), nn.Tanh(), nn.Linear(5, 4, bias=bias))
-
-
-def tiny_cnn(kernel=3, stride=2, padding=1, dilation=1, bias=True):
-    conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)
-    side = (7 + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * side * side, 4))
 
 
 def data(model):

@@ -5,18 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_cnn
 from reference import unvec, vec
 from torch import nn
 
 import natgrad
 
 pytestmark = pytest.mark.usefixtures("float64")
-
-
-def tiny_cnn():
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)
-    )
 
 
 def one_step(model, x, y, **kw):
@@ -215,7 +210,7 @@ def test_monte_carlo_fisher_uses_sampled_labels():
 
 
 def test_persistent_clipping_is_reported_once(monkeypatch):
-    monkeypatch.setattr("natgrad.preconditioner.CLIP_STREAK_WARNING", 4)
+    monkeypatch.setattr("natgrad.clipping.CLIP_STREAK_WARNING", 4)
     x, y = batch()
     model = tiny_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)

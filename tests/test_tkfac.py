@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_cnn
 from reference import (
     patches_by_loops,
     per_sample_grad_matrices,
@@ -27,12 +28,6 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 def tiny_mlp():
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
-
-
-def tiny_cnn(stride=2, padding=1, bias=True):
-    conv = nn.Conv2d(2, 3, 3, stride=stride, padding=padding, bias=bias)
-    side = (7 + 2 * padding - 3) // stride + 1
-    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * side * side, 4))
 
 
 def data(model, m=9, seed=3):
@@ -72,7 +67,7 @@ def exact_fisher(model, name, x, y):
     return vecs.T @ vecs / len(per_sample)
 
 
-@pytest.mark.parametrize("model_fn", [tiny_mlp, tiny_cnn, lambda: tiny_cnn(1, 0, False)])
+@pytest.mark.parametrize("model_fn", [tiny_mlp, tiny_cnn, lambda: tiny_cnn(stride=1, padding=0, bias=False)])
 def test_delta_phi_psi_equal_their_per_sample_formulas(model_fn):
     model = model_fn()
     x, y = data(model)
@@ -173,11 +168,11 @@ def test_precondition_between_steps_uses_the_dampings_inside_the_inverses():
         model.zero_grad()
         F.cross_entropy(model(x + shift), y).backward()
         pre.step()
-    in_force = copy.deepcopy(pre._trace_damping)
-    assert pre._trace_rule() != in_force  # the traces moved since the refresh
+    in_force = copy.deepcopy(pre.damping_policy.state_dict())
+    assert pre.damping_policy.rule(pre.config, pre.layers) != in_force  # the traces moved
     grads = pre.grad_matrices()
     deltas = pre.precondition(grads)
-    assert pre._trace_damping == in_force
+    assert pre.damping_policy.state_dict() == in_force
     dampings, scales = in_force
     for name, grad in grads.items():
         inv = pre.layers[name].inverse

@@ -8,7 +8,9 @@ with :meth:`natgrad.Preconditioner.configure`, which validates the same way.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 __all__ = ["PreconditionerConfig", "check_positive", "check_positive_int", "check_decay"]
 
@@ -57,6 +59,31 @@ class PreconditionerConfig:
         check_positive_int("T_inv", self.T_inv)
         if self.kl_clip is not None:
             check_positive("kl_clip", self.kl_clip)
+
+    def observe_decay(self) -> float:
+        """Running-average decay of what an inverse strategy fits in its own basis
+        (EKFAC's ``S``): ``decay`` unless a method's config says otherwise."""
+        return self.decay
+
+    def replace(
+        self, changes: Mapping[str, Any], fixed: Collection[str] = (), owner: str = "the method"
+    ) -> PreconditionerConfig:
+        """A validated copy with ``changes``; fields in ``fixed`` (decided at construction
+        by ``owner``) may not change."""
+        allowed = [f.name for f in fields(self)]
+        unknown = set(changes) - set(allowed)
+        if unknown:
+            raise ValueError(
+                f"unknown hyperparameter(s) {sorted(unknown)}; allowed: {', '.join(allowed)}"
+            )
+        for name in fixed:
+            if name in changes and changes[name] != getattr(self, name):
+                raise ValueError(
+                    f"{name} is fixed when the preconditioner is built (here "
+                    f"{getattr(self, name)!r}); build a new {owner}(..., "
+                    f"{name}={changes[name]!r}) instead"
+                )
+        return replace(self, **changes)
 
     def as_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

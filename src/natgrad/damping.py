@@ -1,5 +1,9 @@
-"""TKFAC's and TEKFAC's trace-based adaptive damping for CNNs (MATH.md, TKFAC and TEKFAC;
-``004_…`` eqs. 3.4–3.5, after Gao et al. 2020 §5).
+"""Damping policies: which ``λ_l`` (and block scale) each layer gets for the coming step.
+
+A preconditioner holds one :class:`DampingPolicy`, built by its method's
+:meth:`~natgrad.Preconditioner.make_damping`: :class:`ConstantDamping` (``config.damping``
+on every layer; the default) or :class:`TraceDamping`, TKFAC's and TEKFAC's trace-based
+adaptive damping for CNNs (``004_…`` eqs. 3.4–3.5, after Gao et al. 2020 §5):
 
 * Fully connected networks (no preconditioned ``Conv2d``): a constant ``λ`` (``damping``).
 * Convolutional layers of a CNN: ``λ_l = max{tr F̂_l, ϑ} / dim F̂_l``, the block's mean
@@ -12,22 +16,40 @@
   ``(β F̂ + λI)⁻¹ = (1/β)(F̂ + (λ/β) I)⁻¹`` this is the layer's own inverse at damping
   ``λ/β`` divided by ``β``; for TKFAC's factored form the same identity holds factor by
   factor: ``sqrt(β)(sqrt(δ)Φ + sqrt(λ/β)I) = sqrt(βδ)Φ + sqrt(λ)I``. So the rule is
-  implemented by :meth:`layer_dampings` (``λ/β``) plus a division of ``Δ`` by ``β`` in
-  :meth:`precondition` — nothing in the shared preconditioner changes.
+  implemented by the damping ``λ/β`` plus the block scale ``β`` (``Δ`` is divided by it,
+  :meth:`natgrad.block.LayerBlock.apply`).
+
+A policy that adapts ``λ`` from how the last steps went (Levenberg–Marquardt: the
+reduction ratio of actual to predicted loss change) reads each step through
+:meth:`DampingPolicy.observe_step`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .config import PreconditionerConfig, check_positive
 
-__all__ = ["TraceDampingConfig", "TraceAdaptiveDamping"]
+if TYPE_CHECKING:
+    from .block import LayerBlock
+
+__all__ = [
+    "ConstantDamping",
+    "DampingPolicy",
+    "LayerDamping",
+    "StepRecord",
+    "TraceDamping",
+    "TraceDampingConfig",
+]
+
+#: ``({layer: λ_l}, {layer: block scale})`` for one step.
+LayerDamping = tuple[dict[str, float], dict[str, float]]
 
 
 @dataclass(kw_only=True)
@@ -53,99 +75,140 @@ class TraceDampingConfig(PreconditionerConfig):
             )
 
 
-class TraceAdaptiveDamping:
-    """Mixin for a :class:`~natgrad.Preconditioner` whose config is a
-    :class:`TraceDampingConfig`: overrides :meth:`layer_dampings` and :meth:`precondition`.
+@dataclass(frozen=True)
+class StepRecord:
+    """What one :meth:`~natgrad.Preconditioner.step` did, for policies that learn from it.
 
-    A subclass provides :meth:`block_trace` (``tr F̂_l`` of one layer, or ``None`` before
-    its first statistics) and says with :attr:`damping_baked_at_refresh` whether its
-    inverse fixes the damping at each refresh (TKFAC's explicit inverses); then ``λ_l``
-    and ``β`` are recomputed only on refresh steps, so that the ``β`` dividing ``Δ``
-    always matches the damping inside the inverse.
+    Attributes:
+        step: the step's index (``steps`` before it).
+        blocks: the preconditioned layers.
+        grads: ``∇W̄_l`` ``(d_out, d_in')`` before preconditioning.
+        deltas: the ``Δ_l`` written to ``.grad`` (KL clipping included).
+        refreshed: whether the inverses were recomputed this step.
+        damping: the ``(λ_l, scale_l)`` used.
     """
 
-    damping_baked_at_refresh: ClassVar[bool] = False
+    step: int
+    blocks: Mapping[str, LayerBlock]
+    grads: Mapping[str, Tensor]
+    deltas: Mapping[str, Tensor]
+    refreshed: bool
+    damping: LayerDamping
 
-    def block_trace(self, name: str) -> float | None:
-        raise NotImplementedError
 
-    def _trace_rule(self) -> tuple[dict[str, float], dict[str, float]]:
+class DampingPolicy(ABC):
+    """Per-layer damping ``λ_l`` and block scale for the coming step.
+
+    The preconditioner calls :meth:`resolve` once per step (told whether the step
+    refreshes the inverses), :meth:`in_force` for :meth:`~natgrad.Preconditioner.precondition`
+    between steps, :meth:`configure` when hyperparameters change, and :meth:`observe_step`
+    after each step.
+    """
+
+    #: Key under which :meth:`state_dict` is saved in the preconditioner's state
+    #: (``None``: the policy has no state).
+    state_key: ClassVar[str | None] = None
+
+    @abstractmethod
+    def resolve(
+        self, config: PreconditionerConfig, blocks: Mapping[str, LayerBlock], refresh: bool
+    ) -> LayerDamping:
+        """``(λ_l, scale_l)`` for the coming step, which then are in force."""
+
+    def in_force(
+        self, config: PreconditionerConfig, blocks: Mapping[str, LayerBlock], refresh: bool
+    ) -> LayerDamping:
+        """Those of the last step (those inside the inverses); :meth:`resolve` if none yet."""
+        return self.resolve(config, blocks, refresh)
+
+    def configure(self, old: PreconditionerConfig, new: PreconditionerConfig) -> bool:
+        """Told of a hyperparameter change; ``True`` when every inverse must be recomputed
+        (beyond a change of ``damping``, which always does)."""
+        return False
+
+    def observe_step(self, record: StepRecord) -> None:  # noqa: B027 - optional hook
+        """After each step (an adaptive policy adjusts ``λ`` here; default: nothing)."""
+
+    def state_dict(self) -> Any:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:  # noqa: B027 - stateless by default
+        """Restore :meth:`state_dict` output."""
+
+
+class ConstantDamping(DampingPolicy):
+    """``λ_l = config.damping`` on every layer, no block scale."""
+
+    def resolve(self, config, blocks, refresh) -> LayerDamping:
+        return {name: config.damping for name in blocks}, {name: 1.0 for name in blocks}
+
+
+class TraceDamping(DampingPolicy):
+    """The trace-based rule of the module docstring, for a :class:`TraceDampingConfig`.
+
+    Args:
+        block_trace: ``tr F̂_l`` of one block, or ``None`` before its first statistics
+            (TKFAC: ``δ``; TEKFAC: ``tr Θ_l``).
+
+    When an inverse fixes the damping at each refresh
+    (:attr:`~natgrad.inverses.InverseStrategy.damping_in_refresh`, TKFAC's explicit
+    inverses), ``λ_l`` and ``β`` are recomputed only on refresh steps, so that the ``β``
+    dividing ``Δ`` always matches the damping inside the inverse; otherwise every step.
+    """
+
+    state_key = "trace_damping"
+
+    def __init__(self, block_trace: Callable[[LayerBlock], float | None]) -> None:
+        self.block_trace = block_trace
+        self._in_force: LayerDamping | None = None
+
+    def rule(self, config: TraceDampingConfig, blocks: Mapping[str, LayerBlock]) -> LayerDamping:
         """``({name: λ_l}, {name: scale})`` by the rule in the module docstring."""
-        base = self.config.damping
-        dampings = {name: base for name in self.layers}
-        scales = {name: 1.0 for name in self.layers}
-        conv = [n for n, layer in self.layers.items() if isinstance(layer.module, nn.Conv2d)]
-        if not (self.config.adaptive_damping and conv):
+        base = config.damping
+        dampings = {name: base for name in blocks}
+        scales = {name: 1.0 for name in blocks}
+        conv = [n for n, block in blocks.items() if block.handler.kind == "convolution"]
+        if not (config.adaptive_damping and conv):
             return dampings, scales
         mean_eig = {}
         for name in conv:
-            trace = self.block_trace(name)
+            trace = self.block_trace(blocks[name])
             if trace is not None and math.isfinite(trace):
-                d_out, d_in = self.layers[name].handler.shape(self.layers[name].module)
-                mean_eig[name] = max(trace, self.config.trace_floor) / (d_out * d_in)
+                d_out, d_in = blocks[name].shape
+                mean_eig[name] = max(trace, config.trace_floor) / (d_out * d_in)
         if not mean_eig:
             return dampings, scales
         beta = max(mean_eig.values())
-        for name in self.layers:
+        for name in blocks:
             if name in conv:
                 dampings[name] = mean_eig.get(name, base)
             else:
                 dampings[name], scales[name] = base / beta, beta
         return dampings, scales
 
-    def layer_dampings(self) -> dict[str, float]:
-        """``λ_l`` per layer: see the module docstring (``λ/β`` for FC layers of a CNN)."""
-        cached = getattr(self, "_trace_damping", None)
-        if cached is None or not self.damping_baked_at_refresh or self._refreshes(self.steps):
-            cached = self._trace_rule()
-            self._trace_damping = cached
-        return dict(cached[0])
+    def resolve(self, config, blocks, refresh) -> LayerDamping:
+        baked = any(block.inverse.damping_in_refresh for block in blocks.values())
+        if self._in_force is None or not baked or refresh:
+            self._in_force = self.rule(config, blocks)
+        return dict(self._in_force[0]), dict(self._in_force[1])
 
-    def block_scales(self) -> dict[str, float]:
-        """The factor each layer's block is multiplied by (``β`` for FC layers of a CNN)."""
-        if getattr(self, "_trace_damping", None) is None:
-            self.layer_dampings()
-        return dict(self._trace_damping[1])
+    def in_force(self, config, blocks, refresh) -> LayerDamping:
+        if self._in_force is None:
+            return self.resolve(config, blocks, refresh)
+        return dict(self._in_force[0]), dict(self._in_force[1])
 
-    def precondition(
-        self, grads: Mapping[str, Tensor], dampings: Mapping[str, float] | None = None
-    ) -> dict[str, Tensor]:
-        """The base :meth:`~natgrad.Preconditioner.precondition`, then ``Δ_l / β`` for the
-        fully connected layers of a CNN (their block is ``β F̂_l``).
+    def configure(self, old, new) -> bool:
+        """A new ``trace_floor`` or ``adaptive_damping`` recomputes every inverse."""
+        changed = (old.trace_floor, old.adaptive_damping) != (new.trace_floor, new.adaptive_damping)
+        if changed:
+            self._in_force = None
+        return changed
 
-        Called between steps without ``dampings``, it uses the ``λ_l`` and ``β`` of the
-        last step (those inside the inverses), and changes nothing.
-        """
-        if dampings is None:
-            cached = getattr(self, "_trace_damping", None)
-            dampings = self.layer_dampings() if cached is None else dict(cached[0])
-        deltas = super().precondition(grads, dampings)
-        scales = self.block_scales()
-        for name in deltas:
-            if scales[name] != 1.0 and self.layers[name].inverse.ready:
-                deltas[name] = deltas[name] / scales[name]
-        return deltas
+    def state_dict(self) -> LayerDamping | None:
+        """The dampings and scales in force (TKFAC bakes them into its inverses at refresh,
+        so a resumed run must reuse them)."""
+        cached = self._in_force
+        return None if cached is None else (dict(cached[0]), dict(cached[1]))
 
-    def configure(self, **changes) -> None:
-        """As :meth:`~natgrad.Preconditioner.configure`; a new ``trace_floor`` or
-        ``adaptive_damping`` recomputes every inverse at the next step, like a new
-        ``damping``."""
-        before = (self.config.trace_floor, self.config.adaptive_damping)
-        super().configure(**changes)
-        if (self.config.trace_floor, self.config.adaptive_damping) != before:
-            self._stale = True
-            self._trace_damping = None
-            self._capture.active = self._capture.active or self._wants_stats(self.steps)
-
-    def state_dict(self) -> dict:
-        """The base state plus the dampings and scales in force (TKFAC bakes them into its
-        inverses at refresh, so a resumed run must reuse them)."""
-        state = super().state_dict()
-        cached = getattr(self, "_trace_damping", None)
-        state["trace_damping"] = None if cached is None else (dict(cached[0]), dict(cached[1]))
-        return state
-
-    def load_state_dict(self, state: Mapping) -> None:
-        super().load_state_dict(state)
-        cached = state.get("trace_damping")
-        self._trace_damping = None if cached is None else (dict(cached[0]), dict(cached[1]))
+    def load_state_dict(self, state: LayerDamping | None) -> None:
+        self._in_force = None if state is None else (dict(state[0]), dict(state[1]))

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LayerHandler",
+    "WeightBiasHandler",
     "LinearHandler",
     "Conv2dHandler",
     "LAYER_HANDLERS",
@@ -39,6 +40,9 @@ __all__ = [
 
 class LayerHandler(Protocol):
     """How one layer type exposes rows and its gradient matrix."""
+
+    #: ``"fully_connected"`` or ``"convolution"`` (see :class:`WeightBiasHandler`).
+    kind: str
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """``None`` if natgrad can precondition ``module``, else why not (one line)."""
@@ -52,6 +56,13 @@ class LayerHandler(Protocol):
     def shape(self, module: nn.Module) -> tuple[int, int]:
         """``(d_out, d_in')`` of the gradient matrix ``∇W̄``."""
 
+    def grad_matrix(self, module: nn.Module) -> Tensor | None:
+        """The layer's gradient matrix ``∇W̄`` ``(d_out, d_in')`` from its parameters'
+        ``.grad``; ``None`` when the layer has no gradient."""
+
+    def write_grad_matrix(self, module: nn.Module, mat: Tensor) -> None:
+        """Write ``mat`` ``(d_out, d_in')`` back into the parameters' ``.grad``."""
+
 
 def _has_bias(module: nn.Module) -> bool:
     return getattr(module, "bias", None) is not None
@@ -62,32 +73,39 @@ def _append_ones(rows: Tensor) -> Tensor:
     return torch.cat([rows, ones], dim=-1)
 
 
-def grad_matrix(module: nn.Module) -> Tensor | None:
-    """``∇W̄ = [∇W, ∇b]`` of shape ``(d_out, d_in')`` from ``.grad``; ``None`` if unset."""
-    weight_grad = module.weight.grad
-    if weight_grad is None:
-        return None
-    mat = weight_grad.reshape(weight_grad.shape[0], -1)
-    if _has_bias(module):
-        bias_grad = module.bias.grad
-        if bias_grad is None:
-            bias_grad = torch.zeros_like(module.bias)
-        mat = torch.cat([mat, bias_grad.unsqueeze(1)], dim=1)
-    return mat
+class WeightBiasHandler:
+    """Shared by layers whose parameters are a ``weight`` of shape ``(d_out, …)`` and an
+    optional ``bias`` of shape ``(d_out,)``: how ``∇W̄ = [∇W, ∇b]`` is read and written."""
+
+    #: Layer kind, for rules that treat kinds differently (TKFAC's damping):
+    #: ``"fully_connected"`` or ``"convolution"``.
+    kind: str = "fully_connected"
+
+    def grad_matrix(self, module: nn.Module) -> Tensor | None:
+        """``∇W̄ = [∇W, ∇b]`` of shape ``(d_out, d_in')`` from ``.grad``; ``None`` if unset."""
+        weight_grad = module.weight.grad
+        if weight_grad is None:
+            return None
+        mat = weight_grad.reshape(weight_grad.shape[0], -1)
+        if _has_bias(module):
+            bias_grad = module.bias.grad
+            if bias_grad is None:
+                bias_grad = torch.zeros_like(module.bias)
+            mat = torch.cat([mat, bias_grad.unsqueeze(1)], dim=1)
+        return mat
+
+    def write_grad_matrix(self, module: nn.Module, mat: Tensor) -> None:
+        """Write ``mat`` (``(d_out, d_in')``) back into ``weight.grad`` and ``bias.grad``."""
+        weight = module.weight
+        d_w = weight[0].numel()
+        weight.grad.copy_(mat[:, :d_w].reshape(weight.shape))
+        if _has_bias(module):
+            if module.bias.grad is None:
+                module.bias.grad = torch.zeros_like(module.bias)
+            module.bias.grad.copy_(mat[:, d_w])
 
 
-def write_grad_matrix(module: nn.Module, mat: Tensor) -> None:
-    """Write ``mat`` (``(d_out, d_in')``) back into ``weight.grad`` and ``bias.grad``."""
-    weight = module.weight
-    d_w = weight[0].numel()
-    weight.grad.copy_(mat[:, :d_w].reshape(weight.shape))
-    if _has_bias(module):
-        if module.bias.grad is None:
-            module.bias.grad = torch.zeros_like(module.bias)
-        module.bias.grad.copy_(mat[:, d_w])
-
-
-class LinearHandler:
+class LinearHandler(WeightBiasHandler):
     """``nn.Linear``: one row per sample, or per position for inputs ``(M, *S, d_in)``."""
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
@@ -158,8 +176,10 @@ def _same_padding(module: nn.Conv2d) -> tuple[int, int] | None:
     return pads[0], pads[1]
 
 
-class Conv2dHandler:
+class Conv2dHandler(WeightBiasHandler):
     """``nn.Conv2d`` (KFC): rows are unfolded patches, one per sample and output position."""
+
+    kind = "convolution"
 
     def _padding(self, module: nn.Conv2d) -> tuple[int, int] | None:
         if module.padding == "valid":

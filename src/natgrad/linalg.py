@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import DecompositionError
+
 __all__ = [
     "DecompositionError",
     "all_finite",
@@ -25,11 +27,8 @@ __all__ = [
     "kron_precondition",
     "eigen_precondition",
     "kl_clip_scale",
+    "eye_like",
 ]
-
-
-class DecompositionError(RuntimeError):
-    """A Cholesky or eigendecomposition failed or produced non-finite values."""
 
 
 def all_finite(t: Tensor) -> bool:
@@ -193,3 +192,8 @@ def kl_clip_scale(kl_clip: float, lr: float, vdotg: float) -> float:
     if vdotg <= 0 or lr == 0 or not math.isfinite(vdotg):
         return 1.0
     return min(1.0, math.sqrt(kl_clip / (lr * lr * vdotg)))
+
+
+def eye_like(X: Tensor) -> Tensor:
+    """The identity of ``X``'s size (``(n, n)`` for ``X`` ``(n, …)``), dtype and device."""
+    return torch.eye(X.shape[0], dtype=X.dtype, device=X.device)

@@ -10,66 +10,44 @@ natural-gradient direction ``Δ``; the user's own ``torch.optim`` optimizer then
     optimizer.step()
 
 A method is a subclass that names its config class and builds, per layer, one
-:class:`~natgrad.curvature.Curvature` and one :class:`~natgrad.inverses.InverseStrategy`.
-Schedules, damping, KL clipping, fault handling and ``state_dict`` live here, once.
+:class:`~natgrad.curvature.Curvature` and one :class:`~natgrad.inverses.InverseStrategy`
+(and, optionally, its :class:`~natgrad.damping.DampingPolicy`). This class ties the parts
+together: layer selection (selection.py), the per-layer blocks with their guards
+(block.py), schedules (schedule.py), damping (damping.py), KL clipping (clipping.py), the
+Monte-Carlo Fisher (mc_fisher.py) and sharing between processes (sharing.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .block import LayerBlock
 from .capture import LayerCapture, LayerStats
+from .clipping import KLClipping, learning_rates
 from .config import PreconditionerConfig
-from .curvature import Curvature, NonFiniteStatistics
+from .curvature import Curvature
+from .damping import ConstantDamping, DampingPolicy, LayerDamping, StepRecord
+from .errors import (  # noqa: F401 - re-exported: natgrad.preconditioner.*Warning
+    ClippingWarning,
+    NumericalWarning,
+    UnsupportedLayerWarning,
+    WarnOnce,
+)
 from .inverses import InverseStrategy
-from .layers import LayerHandler, grad_matrix, handler_for, write_grad_matrix
-from .linalg import DecompositionError, all_finite, kl_clip_scale
-from .sharing import Local
-
-if TYPE_CHECKING:
-    from .distributed import DataParallel
+from .mc_fisher import backpropagate_sampled_targets
+from .schedule import Schedule
+from .selection import select_layers
+from .sharing import Local, Sharing
 
 __all__ = ["Preconditioner", "ClippingWarning", "NumericalWarning", "UnsupportedLayerWarning"]
 
 STATE_VERSION = 1
-#: Damping multipliers tried, in order, when an inverse update fails.
-_RETRY_DAMPING = (10.0, 100.0)
-
-
-class NumericalWarning(RuntimeWarning):
-    """A numerical fault was met and handled (the step fell back; training goes on)."""
-
-
-class ClippingWarning(UserWarning):
-    """KL clipping has bounded every recent step, so the learning rate no longer sets the
-    step size (``η·ν·Δ`` with ``ν ∝ 1/η``)."""
-
-
-#: Consecutive clipped steps after which :class:`ClippingWarning` is issued (once).
-CLIP_STREAK_WARNING = 200
-
-
-class UnsupportedLayerWarning(UserWarning):
-    """A Linear/Conv2d configuration natgrad cannot precondition; it is left untouched."""
-
-
-@dataclasses.dataclass
-class _Layer:
-    """One handled layer: its module, handler, curvature and inverse."""
-
-    module: nn.Module
-    handler: LayerHandler
-    curvature: Curvature
-    inverse: InverseStrategy
 
 
 class Preconditioner(ABC):
@@ -92,9 +70,16 @@ class Preconditioner(ABC):
             inverse work across data-parallel workers (docs/distributed.md); ``None``:
             this process alone.
         **hyperparameters: fields of the method's config (see ``config_class``).
+
+    Attributes:
+        layers: ``{name: LayerBlock}`` of the preconditioned layers.
+        skipped: ``{name: reason}`` of supported-type layers left to the optimizer.
+        damping_policy: the :class:`~natgrad.damping.DampingPolicy` (from :meth:`make_damping`).
     """
 
     config_class: ClassVar[type[PreconditionerConfig]] = PreconditionerConfig
+    #: Config fields :meth:`configure` refuses to change (they decide what a layer stores).
+    fixed_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -105,63 +90,36 @@ class Preconditioner(ABC):
         fisher: str = "empirical",
         loss_reduction: str = "mean",
         seed: int = 0,
-        distributed: DataParallel | None = None,
+        distributed: Sharing | None = None,
         **hyperparameters: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if fisher not in ("empirical", "mc"):
-            raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        check_arguments(model, fisher, loss_reduction)
         self.config = self.config_class(**hyperparameters)
         self.fisher = fisher
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps = 0
-        #: The KL-clipping factor ``ν`` of the last step (1.0 when clipping is off/inactive).
-        self.kl_scale = 1.0
-        self._clip_streak = 0
-        self._stale = False
-        self._warned: set[tuple[str, str]] = set()
+        self.schedule = Schedule()
+        self._clipping = KLClipping()
+        self._faults = WarnOnce()
         self._generator = torch.Generator().manual_seed(seed)
 
-        self.skipped: dict[str, str] = {}
-        self.layers: dict[str, _Layer] = {}
-        exclude = _check_exclude(exclude)
-        for name, module in model.named_modules():
-            handler = handler_for(module)
-            if handler is None or _excluded(name, module, exclude):
-                continue
-            reason = handler.unsupported_reason(module)
-            if reason is not None:
-                self.skipped[name] = reason
-                continue
-            self.layers[name] = self._make_layer(name, module, handler)
-        if self.skipped:
-            listed = "; ".join(f"{n or '<root>'}: {r}" for n, r in self.skipped.items())
-            warnings.warn(
-                f"{type(self).__name__} leaves these layers to the optimizer unpreconditioned: "
-                f"{listed}",
-                UnsupportedLayerWarning,
-                stacklevel=2,
-            )
-        if not self.layers:
-            raise ValueError(
-                f"model has no layer {type(self).__name__} can precondition: it needs at "
-                "least one nn.Linear or nn.Conv2d (groups=1) that is not excluded"
-            )
+        chosen, self.skipped = select_layers(model, exclude, owner=type(self).__name__)
+        self.layers: dict[str, LayerBlock] = {
+            name: LayerBlock.build(name, *chosen[name], self, self._faults) for name in chosen
+        }
+        self.damping_policy: DampingPolicy = self.make_damping()
         self._capture = LayerCapture(
-            {n: (layer.module, layer.handler) for n, layer in self.layers.items()},
+            {n: (block.module, block.handler) for n, block in self.layers.items()},
             loss_reduction,
         )
         self._capture.record_grads = fisher == "empirical"
         if optimizer is not None:
             self.attach(optimizer)
         self.distributed = distributed
-        # Where one process and data-parallel workers differ (sharing.py); no other
-        # code branches on it.
-        self._sharing = Local() if distributed is None else distributed
-        self._sharing.bind(self)
+        # Where one process and data-parallel workers differ (sharing.py); nothing else does.
+        self._sharing: Sharing = Local() if distributed is None else distributed
+        self._sharing.bind(type(self).__name__, self.layers)
+        self._sync()
 
     # ------------------------------------------------------------------ method hooks
     @abstractmethod
@@ -176,42 +134,20 @@ class Preconditioner(ABC):
     ) -> InverseStrategy:
         """The inverse strategy of one layer with gradient matrix of ``shape``."""
 
-    def layer_dampings(self) -> dict[str, float]:
-        """Damping ``λ_l`` per layer for the coming refresh/apply (default: ``config.damping``).
+    def make_damping(self) -> DampingPolicy:
+        """The damping policy (default: ``config.damping`` on every layer)."""
+        return ConstantDamping()
 
-        Methods with adaptive damping override it (TKFAC/TEKFAC through
-        :class:`~natgrad.damping.TraceAdaptiveDamping`).
-        """
-        return {name: self.config.damping for name in self.layers}
-
-    def observe_decay(self) -> float:
-        """Running-average decay of what an inverse strategy fits in its own basis
-        (:meth:`InverseStrategy.observe`; default: the curvature's ``config.decay``).
-
-        Methods with a separate decay for it override it (EKFAC/TEKFAC's ``rescale_decay``,
-        ``004_…``'s ``β₁``, through :class:`~natgrad.methods.ekfac.RescalingSchedule`).
-        """
-        return self.config.decay
-
-    # ------------------------------------------------------------------ set-up
-    def _make_layer(self, name: str, module: nn.Module, handler: LayerHandler) -> _Layer:
-        shape = handler.shape(module)
-        weight = module.weight
-        # Factors and decompositions in float32 or wider, whatever the model's dtype.
-        dtype = torch.promote_types(weight.dtype, torch.float32)
-        return _Layer(
-            module,
-            handler,
-            self.make_curvature(shape, dtype, weight.device),
-            self.make_inverse(shape, dtype, weight.device),
-        )
+    def sync_layers(self) -> None:
+        """Push the config into the per-layer objects. Called after construction,
+        :meth:`configure`, :meth:`load_state_dict` and every :meth:`step`; methods whose
+        curvature or inverse holds settings of its own override it (default: nothing)."""
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Attach the optimizer whose learning rates KL clipping reads."""
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+            kind = type(optimizer).__name__
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {kind}")
         self.optimizer = optimizer
 
     def configure(self, **changes: Any) -> None:
@@ -222,67 +158,35 @@ class Preconditioner(ABC):
         step on. Schedules count from step 0, so a new ``T_cov``/``T_inv`` keeps the
         phase ``steps % T``.
         """
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self.config)}
-        if unknown:
-            allowed = ", ".join(f.name for f in dataclasses.fields(self.config))
-            raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)}; allowed: {allowed}")
-        new = dataclasses.replace(self.config, **changes)
-        if new.damping != self.config.damping or new.T_inv != self.config.T_inv:
-            self._stale = True
-        self.config = new
-        self._capture.active = self._capture.active or self._wants_stats(self.steps)
+        old = self.config
+        self.config = new = old.replace(changes, self.fixed_fields, type(self).__name__)
+        stale = self.damping_policy.configure(old, new)  # e.g. TKFAC's trace_floor
+        if stale or new.damping != old.damping or new.T_inv != old.T_inv:
+            self.schedule.stale = True
+        self._sync(keep_recording=True)
 
-    # ------------------------------------------------------------------ schedules
-    def _updates_curvature(self, step: int) -> bool:
-        return step % self.config.T_cov == 0
-
-    def _refreshes(self, step: int) -> bool:
-        return step % self.config.T_inv == 0 or self._stale
-
-    def _observes(self, step: int, layer: _Layer) -> bool:
-        every = layer.inverse.observe_every
-        return every is not None and (step % every == 0 or self._refreshes(step))
+    def _sync(self, *, keep_recording: bool = False) -> None:
+        """The one synchronisation point: per-layer settings, then whether the next
+        forward/backward pass records rows (``keep_recording``: never switch it off)."""
+        self.sync_layers()
+        wanted = self._wants_stats(self.steps)
+        self._capture.active = wanted or (keep_recording and self._capture.active)
 
     def _wants_stats(self, step: int) -> bool:
-        return self._updates_curvature(step) or any(
-            self._observes(step, layer) for layer in self.layers.values()
-        )
+        inverses = (block.inverse for block in self.layers.values())
+        return self.schedule.wants_stats(self.config, step, inverses)
 
     # ------------------------------------------------------------------ Monte-Carlo Fisher
     def sample_fisher(self, outputs: Tensor, likelihood: str = "categorical") -> None:
-        """Record output gradients for the Monte-Carlo ("true") Fisher.
-
-        Call it after the forward pass and before ``loss.backward()`` with the model's
-        outputs; it samples targets from the model's predictive distribution
-        (``"categorical"``: logits of shape ``(M, C)``; ``"gaussian"``: unit-variance
-        means), backpropagates their loss to the layer outputs only (``.grad`` is not
-        touched) and keeps the graph for your own backward. A no-op on steps where no
-        statistics are recorded, and when ``fisher="empirical"``.
-        """
+        """Record output gradients for the Monte-Carlo ("true") Fisher: call it after the
+        forward pass, before ``loss.backward()``, with the model's outputs (``"categorical"``:
+        logits ``(M, C)``; ``"gaussian"``: unit-variance means). See natgrad/mc_fisher.py;
+        ``.grad`` is not touched. A no-op when no statistics are recorded this step, and
+        when ``fisher="empirical"``."""
         if self.fisher != "mc" or not self._capture.active:
             return
-        if likelihood not in ("categorical", "gaussian"):
-            raise ValueError(f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
-        with torch.no_grad():
-            if likelihood == "categorical":
-                probs = F.softmax(outputs.detach().float().cpu(), dim=-1)
-                target = torch.multinomial(probs, 1, generator=self._generator).squeeze(-1)
-                target = target.to(outputs.device)
-            else:
-                noise = torch.randn(outputs.shape, generator=self._generator, dtype=outputs.dtype)
-                target = outputs.detach() + noise.to(outputs.device)
-        if likelihood == "categorical":
-            loss = F.cross_entropy(outputs, target, reduction=self._capture.loss_reduction)
-        else:
-            loss = 0.5 * F.mse_loss(outputs, target, reduction="sum")
-            if self._capture.loss_reduction == "mean":
-                loss = loss / outputs.shape[0]
-        watched = [p for layer in self.layers.values() for p in layer.module.parameters()]
-        self._capture.record_grads = True
-        try:
-            torch.autograd.grad(loss, watched, retain_graph=True, allow_unused=True)
-        finally:
-            self._capture.record_grads = False
+        params = [p for block in self.layers.values() for p in block.module.parameters()]
+        backpropagate_sampled_targets(outputs, likelihood, self._generator, self._capture, params)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> None:
@@ -293,265 +197,192 @@ class Preconditioner(ABC):
                 first), or KL clipping is on and no optimizer is attached.
         """
         grads = self.grad_matrices()
-        if not grads:
-            raise RuntimeError(
-                "step() found no gradient on any preconditioned layer: call loss.backward() "
-                "before step()"
-            )
-        if self.config.kl_clip is not None and self.optimizer is None:
-            raise RuntimeError(
-                "KL clipping (kl_clip set) needs the learning rate: pass optimizer= to the "
-                "constructor or call attach(optimizer), or set kl_clip=None"
-            )
-        step = self.steps
-        refresh = self._refreshes(step)
+        check_ready(self, grads)
+        step, config = self.steps, self.config
+        refresh = self.schedule.refreshes(config, step)
         stats = self._capture.pop() if self._capture.active else {}
-        if self._updates_curvature(step):
+        if self.schedule.updates_curvature(config, step):
             self._update_curvature(stats)
-        dampings = self.layer_dampings()
+        damping = self.damping_policy.resolve(config, self.layers, refresh)
         if refresh:
-            self._refresh_all(dampings)
-        for name, layer in self.layers.items():
-            if name in stats and self._observes(step, layer) and layer.inverse.ready:
-                observe = self._sharing.observation(layer.inverse)
-                self._guard(name, "observe", observe, stats[name], self.observe_decay())
-        deltas = self._precondition(grads, dampings)
-        self._write(deltas)
-        self._stale = False
+            self._refresh_all(damping[0])
+        decay = self.observe_decay()
+        for name, block in self.layers.items():
+            observes = self.schedule.observes(config, step, block.inverse)
+            if name in stats and observes and block.inverse.ready:
+                block.observe(stats[name], decay, self._sharing.observation(block.inverse))
+        deltas = self._sharing.precondition(self.layers, grads, *damping)
+        if config.kl_clip is not None:
+            lrs = learning_rates(self.optimizer, {n: b.module for n, b in self.layers.items()})
+            deltas = self._clipping.clip(config.kl_clip, deltas, grads, lrs)
+        for name, delta in deltas.items():
+            self.layers[name].write_grad_matrix(delta)
+        self.schedule.stale = False
         self.steps += 1
-        self._capture.active = self._wants_stats(self.steps)
+        self._sync()
+        record = StepRecord(step, self.layers, grads, deltas, refresh, damping)
+        self.damping_policy.observe_step(record)
 
     def _update_curvature(self, stats: Mapping[str, LayerStats]) -> None:
-        for name, layer in self.layers.items():
-            if name not in stats:
-                continue
-            decay = self.config.decay if layer.curvature.initialized else 0.0
-            update = self._sharing.curvature_update(layer.curvature)
-            self._guard(name, "statistics", update, stats[name], decay)
+        for name, block in self.layers.items():
+            if name in stats:
+                update = self._sharing.curvature_update(block.curvature)
+                block.fold(stats[name], self.config.decay, update)
 
     def _refresh_all(self, dampings: Mapping[str, float]) -> None:
-        self._sharing.refresh(self, dampings)
+        self._sharing.refresh(self.layers, dampings)
 
-    def _guard(self, name: str, what: str, fn, *args) -> bool:
-        """Run ``fn``; on NaN/Inf statistics warn once and leave the state as it was."""
-        try:
-            fn(*args)
-            return True
-        except NonFiniteStatistics:
-            self._warn_once(
-                name,
-                what,
-                f"layer {name!r}: non-finite {what} in this batch; kept the "
-                "previous running estimate",
-            )
-            return False
+    @property
+    def kl_scale(self) -> float:
+        """The KL-clipping factor ``ν`` of the last step (1.0 when clipping is off/inactive)."""
+        return self._clipping.scale
 
-    def _refresh(self, name: str, layer: _Layer, damping: float) -> None:
-        if not layer.curvature.initialized:
-            return
-        factors = (1.0, *_RETRY_DAMPING) if layer.inverse.damping_in_refresh else (1.0,)
-        for factor in factors:
-            try:
-                layer.inverse.refresh(layer.curvature, damping * factor)
-            except DecompositionError as err:
-                last = err
-                continue
-            if factor != 1.0:
-                self._warn_once(
-                    name,
-                    "retry",
-                    f"layer {name!r}: inverse update failed at damping "
-                    f"{damping:g}; succeeded with {damping * factor:g}",
-                )
-            return
-        fallback = "the previous inverse" if layer.inverse.ready else "the plain gradient"
-        tried = f" even with damping {damping * factors[-1]:g}" if len(factors) > 1 else ""
-        self._warn_once(
-            name,
-            "refresh",
-            f"layer {name!r}: inverse update failed{tried} ({last}); using {fallback}",
-        )
+    def layer_dampings(self) -> dict[str, float]:
+        """Damping ``λ_l`` per layer for the coming refresh/apply (the damping policy's)."""
+        return self._damping(self.damping_policy.resolve)[0]
 
-    def _warn_once(self, name: str, kind: str, message: str) -> None:
-        if (name, kind) not in self._warned:
-            self._warned.add((name, kind))
-            warnings.warn(message, NumericalWarning, stacklevel=3)
+    def block_scales(self) -> dict[str, float]:
+        """The factor each layer's block is multiplied by (1.0 but for TKFAC/TEKFAC's ``β``)."""
+        return self._damping(self.damping_policy.in_force)[1]
+
+    def observe_decay(self) -> float:
+        """Decay of what an inverse fits in its own basis: ``config.observe_decay()``."""
+        return self.config.observe_decay()
+
+    def _damping(self, query: Callable[..., LayerDamping]) -> LayerDamping:
+        return query(self.config, self.layers, self.schedule.refreshes(self.config, self.steps))
 
     # ------------------------------------------------------------------ preconditioning
     def grad_matrices(self) -> dict[str, Tensor]:
         """``∇W̄`` (``(d_out, d_in')``) of every handled layer that has a gradient."""
-        out = {}
-        for name, layer in self.layers.items():
-            mat = grad_matrix(layer.module)
-            if mat is not None:
-                out[name] = mat
-        return out
+        mats = {name: block.grad_matrix() for name, block in self.layers.items()}
+        return {name: mat for name, mat in mats.items() if mat is not None}
 
     def precondition(
         self, grads: Mapping[str, Tensor], dampings: Mapping[str, float] | None = None
     ) -> dict[str, Tensor]:
         """``Δ_l`` for given gradient matrices ``{layer name: (d_out, d_in')}``.
 
-        Uses the current inverses; touches neither ``.grad`` nor any state, and applies no
-        KL clipping. Layers whose inverse is not ready (or whose result is not finite)
-        get their gradient back unchanged.
+        Uses the current inverses and the dampings in force (those of the last step);
+        touches neither ``.grad`` nor any state, and applies no KL clipping. Layers whose
+        inverse is not ready (or whose result is not finite) get their gradient back.
         """
-        dampings = self.layer_dampings() if dampings is None else dampings
-        out = {}
-        for name, grad in grads.items():
-            if name not in self.layers:
-                raise KeyError(f"{name!r} is not a preconditioned layer; see .layers")
-            layer = self.layers[name]
-            if not layer.inverse.ready:
-                out[name] = grad
-                continue
-            delta = layer.inverse.apply(grad.to(layer.inverse.dtype), dampings[name])
-            if not all_finite(delta):
-                if torch.isfinite(grad).all():
-                    self._warn_once(
-                        name,
-                        "apply",
-                        f"layer {name!r}: preconditioned gradient is not "
-                        "finite; used the plain gradient",
-                    )
-                delta = grad
-            out[name] = delta.to(grad.dtype)
-        return out
+        for name in set(grads) - set(self.layers):
+            raise KeyError(f"{name!r} is not a preconditioned layer; see .layers")
+        in_force, scales = self._damping(self.damping_policy.in_force)
+        dampings = in_force if dampings is None else dampings
+        return {n: self.layers[n].apply(g, dampings[n], scales[n]) for n, g in grads.items()}
 
-    def _precondition(
-        self, grads: Mapping[str, Tensor], dampings: Mapping[str, float]
-    ) -> dict[str, Tensor]:
-        deltas = self._sharing.precondition(self, grads, dampings)
-        if self.config.kl_clip is not None:
-            lrs = self._learning_rates()
-            vdotg = sum(
-                lrs[name] ** 2 * torch.dot(deltas[name].reshape(-1), grads[name].reshape(-1)).item()
-                for name in deltas
-            )
-            nu = kl_clip_scale(self.config.kl_clip, 1.0, vdotg)
-            self._note_clip(nu)
-            if nu != 1.0:
-                deltas = {name: d * nu for name, d in deltas.items()}
-        return deltas
-
-    def _note_clip(self, nu: float) -> None:
-        self.kl_scale = nu
-        self._clip_streak = self._clip_streak + 1 if nu < 1.0 else 0
-        if self._clip_streak == CLIP_STREAK_WARNING and ("*", "clip") not in self._warned:
-            self._warned.add(("*", "clip"))
-            warnings.warn(
-                f"KL clipping (kl_clip={self.config.kl_clip:g}) has scaled down each of the "
-                f"last {CLIP_STREAK_WARNING} steps (last factor {nu:.3g}): the step size no "
-                "longer depends on the learning rate. Raise kl_clip or damping, or lower the "
-                "learning rate, if that is not intended.",
-                ClippingWarning,
-                stacklevel=4,
-            )
-
-    def _learning_rates(self) -> dict[str, float]:
-        lr_of = {}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                lr_of[p] = group["lr"]
-        return {
-            name: float(lr_of.get(layer.module.weight, 0.0)) for name, layer in self.layers.items()
-        }
-
-    def _write(self, deltas: Mapping[str, Tensor]) -> None:
-        for name, delta in deltas.items():
-            write_grad_matrix(self.layers[name].module, delta)
-
-    # ------------------------------------------------------------------ introspection
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Current running factors ``(A, G)`` of every layer that has seen a batch,
         by qualified name, as dense tensors in MATH.md's convention."""
-        return {
-            name: layer.curvature.factors()
-            for name, layer in self.layers.items()
-            if layer.curvature.initialized
-        }
+        curvatures = {name: block.curvature for name, block in self.layers.items()}
+        return {name: c.factors() for name, c in curvatures.items() if c.initialized}
 
     def remove(self) -> None:
         """Remove every hook from the model (the preconditioner is unusable after)."""
         self._capture.remove()
 
     def __repr__(self) -> str:
-        lines = [f"{type(self).__name__}("]
-        for field in dataclasses.fields(self.config):
-            lines.append(f"  {field.name}={getattr(self.config, field.name)!r},")
-        lines.append(f"  fisher={self.fisher!r},")
-        lines.append("  preconditioned=[")
-        for name, layer in self.layers.items():
-            d_out, d_in = layer.handler.shape(layer.module)
-            lines.append(f"    {name}: {type(layer.module).__name__} ∇W̄ {d_out}×{d_in},")
-        lines.append("  ],")
-        if self.skipped:
-            lines.append("  skipped=[")
-            lines.extend(f"    {n}: {r}," for n, r in self.skipped.items())
-            lines.append("  ],")
-        lines.append(")")
-        return "\n".join(lines)
+        return describe(self)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-identically: step, config, per-layer state."""
-        return {
-            "version": STATE_VERSION,
-            "method": type(self).__name__,
-            "steps": self.steps,
-            "stale": self._stale,
-            "config": self.config.as_dict(),
-            "generator": self._generator.get_state(),
-            "layers": {
-                name: {
-                    "curvature": layer.curvature.state_dict(),
-                    "inverse": layer.inverse.state_dict(),
-                }
-                for name, layer in self.layers.items()
-            },
-        }
+        """Everything needed to resume bit-identically: step, config, per-layer state, the
+        damping policy's state (plain tensors and numbers keyed by layer name)."""
+        return save_state(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; layer names must match this model's."""
-        version = state.get("version")
-        if version != STATE_VERSION:
-            raise ValueError(f"unsupported state version {version!r}; expected {STATE_VERSION}")
-        if state.get("method") != type(self).__name__:
-            raise ValueError(
-                f"state was saved by {state.get('method')!r}, not {type(self).__name__!r}"
-            )
-        saved, ours = set(state["layers"]), set(self.layers)
-        if saved != ours:
-            raise ValueError(
-                f"saved layers do not match this model's: missing {sorted(ours - saved)}, "
-                f"unexpected {sorted(saved - ours)}"
-            )
+        check_state(state, type(self).__name__, self.layers)
         self.config = self.config_class(**state["config"])
-        for name, layer in self.layers.items():
-            layer.curvature.load_state_dict(state["layers"][name]["curvature"])
-            layer.inverse.load_state_dict(state["layers"][name]["inverse"])
-        self.steps = int(state["steps"])
-        self._stale = bool(state["stale"])
-        self._generator.set_state(state["generator"])
+        load_state(self, state)
         self._capture.clear()
-        self._capture.active = self._wants_stats(self.steps)
+        self._sync()
 
 
-def _check_exclude(exclude: Iterable[str | type[nn.Module]]) -> tuple:
-    if isinstance(exclude, (str, type)):
-        exclude = (exclude,)
-    exclude = tuple(exclude)
-    for item in exclude:
-        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))):
-            raise TypeError(
-                "exclude entries must be module names/patterns (str) or nn.Module types, "
-                f"got {item!r}"
-            )
-    return exclude
+def describe(pre: Preconditioner) -> str:
+    """Config, Fisher and the preconditioned / skipped layers, one per line."""
+    lines = [f"{type(pre).__name__}("]
+    for field in dataclasses.fields(pre.config):
+        lines.append(f"  {field.name}={getattr(pre.config, field.name)!r},")
+    lines.append(f"  fisher={pre.fisher!r},")
+    lines.append("  preconditioned=[")
+    for name, block in pre.layers.items():
+        d_out, d_in = block.shape
+        lines.append(f"    {name}: {type(block.module).__name__} ∇W̄ {d_out}×{d_in},")
+    lines.append("  ],")
+    if pre.skipped:
+        lines.append("  skipped=[")
+        lines.extend(f"    {n}: {r}," for n, r in pre.skipped.items())
+        lines.append("  ],")
+    lines.append(")")
+    return "\n".join(lines)
 
 
-def _excluded(name: str, module: nn.Module, exclude: tuple) -> bool:
-    return any(
-        fnmatch.fnmatchcase(name, item) if isinstance(item, str) else isinstance(module, item)
-        for item in exclude
-    )
+def check_arguments(model: nn.Module, fisher: str, loss_reduction: str) -> None:
+    """The constructor's checks of its own (non-config) arguments."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if fisher not in ("empirical", "mc"):
+        raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+
+
+def save_state(pre: Preconditioner) -> dict[str, Any]:
+    """:meth:`Preconditioner.state_dict`."""
+    policy = pre.damping_policy
+    state = {
+        "version": STATE_VERSION,
+        "method": type(pre).__name__,
+        "steps": pre.steps,
+        "stale": pre.schedule.stale,
+        "config": pre.config.as_dict(),
+        "generator": pre._generator.get_state(),
+        "layers": {name: block.state_dict() for name, block in pre.layers.items()},
+    }
+    if policy.state_key is not None:
+        state[policy.state_key] = policy.state_dict()
+    return state
+
+
+def load_state(pre: Preconditioner, state: Mapping[str, Any]) -> None:
+    """The counters, per-layer and damping state of :meth:`Preconditioner.load_state_dict`."""
+    for name, block in pre.layers.items():
+        block.load_state_dict(state["layers"][name])
+    pre.steps = int(state["steps"])
+    pre.schedule.stale = bool(state["stale"])
+    pre._generator.set_state(state["generator"])
+    if pre.damping_policy.state_key is not None:
+        pre.damping_policy.load_state_dict(state.get(pre.damping_policy.state_key))
+
+
+def check_state(state: Mapping[str, Any], method: str, layers: Iterable[str]) -> None:
+    """Raise ``ValueError`` unless ``state`` is a :meth:`Preconditioner.state_dict` of this
+    version, by ``method``, over exactly ``layers``."""
+    version = state.get("version")
+    if version != STATE_VERSION:
+        raise ValueError(f"unsupported state version {version!r}; expected {STATE_VERSION}")
+    if state.get("method") != method:
+        raise ValueError(f"state was saved by {state.get('method')!r}, not {method!r}")
+    saved, ours = set(state["layers"]), set(layers)
+    if saved != ours:
+        raise ValueError(
+            f"saved layers do not match this model's: missing {sorted(ours - saved)}, "
+            f"unexpected {sorted(saved - ours)}"
+        )
+
+
+def check_ready(pre: Preconditioner, grads: Mapping[str, Tensor]) -> None:
+    """Raise ``RuntimeError`` when :meth:`Preconditioner.step` cannot run."""
+    if not grads:
+        raise RuntimeError(
+            "step() found no gradient on any preconditioned layer: call loss.backward() "
+            "before step()"
+        )
+    if pre.config.kl_clip is not None and pre.optimizer is None:
+        raise RuntimeError(
+            "KL clipping (kl_clip set) needs the learning rate: pass optimizer= to the "
+            "constructor or call attach(optimizer), or set kl_clip=None"
+        )

@@ -25,15 +25,30 @@ class Stateful:
             out[key] = value.clone() if isinstance(value, torch.Tensor) else value
         return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, partial: bool = False) -> None:
+        """Restore :meth:`state_dict` output (tensors moved to ``device``/``dtype``).
+
+        ``partial=True`` loads only the keys present, without the shape check: values a peer
+        computed for this same object (data-parallel broadcasts after a refresh, whose
+        shapes may differ from the ones held here).
+        """
         missing = [k for k in self._state_keys if k not in state]
-        if missing:
+        if missing and not partial:
             raise KeyError(f"{type(self).__name__} state is missing {missing}")
+        unknown = [k for k in state if k not in self._state_keys]
+        if unknown and partial:
+            raise KeyError(f"{type(self).__name__} state has unknown keys {unknown}")
         for key in self._state_keys:
+            if key not in state:
+                continue
             value = state[key]
             current = getattr(self, key)
             if isinstance(value, torch.Tensor):
-                if isinstance(current, torch.Tensor) and current.shape != value.shape:
+                if (
+                    not partial
+                    and isinstance(current, torch.Tensor)
+                    and current.shape != value.shape
+                ):
                     raise ValueError(
                         f"{type(self).__name__}.{key}: saved shape {tuple(value.shape)} "
                         f"does not match {tuple(current.shape)}"

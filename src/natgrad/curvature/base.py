@@ -9,16 +9,13 @@ import torch
 from torch import Tensor
 
 from ..capture import LayerStats
+from ..errors import NonFiniteStatistics
 from ..state import Stateful
 
 if TYPE_CHECKING:
-    from ..distributed.comm import Collective
+    from ..collective import Collective
 
 __all__ = ["Curvature", "NonFiniteStatistics"]
-
-
-class NonFiniteStatistics(ArithmeticError):
-    """A batch produced NaN/Inf statistics; the running estimate was left unchanged."""
 
 
 class Curvature(Stateful, ABC):
@@ -55,6 +52,12 @@ class Curvature(Stateful, ABC):
     def factors(self) -> tuple[Tensor, Tensor]:
         """The current factors ``(A, G)`` as dense tensors, ``(d_in', d_in')`` and
         ``(d_out, d_out)``, in MATH.md's convention (the block is ``≈ A ⊗ G``)."""
+
+    def batch_rows(self) -> tuple[Tensor, Tensor] | None:
+        """``(Y_A, Y_G)`` ``(m, d_in')``, ``(m, d_out)`` when the estimate is kept as batch
+        matrices with ``A = Y_AᵀY_A/m``, ``G = Y_GᵀY_G/m`` (what a Woodbury inverse needs);
+        ``None`` (default) for estimates kept as dense factors."""
+        return None
 
     # ------------------------------------------------------------------ data parallelism
     def averaged_keys(self) -> tuple[str, ...]:

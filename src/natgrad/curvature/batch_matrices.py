@@ -220,12 +220,16 @@ class BatchMatrices(Curvature):
         only; SKFAC's step never forms them."""
         return self.Y_A.T @ self.Y_A / self.rows, self.Y_G.T @ self.Y_G / self.rows
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def batch_rows(self) -> tuple[Tensor, Tensor]:
+        """The running ``(Y_A, Y_G)``."""
+        return self.Y_A, self.Y_G
+
+    def load_state_dict(self, state: dict[str, Any], *, partial: bool = False) -> None:
         """As :meth:`Stateful.load_state_dict`; ``m`` may differ from the current one."""
         saved = self.Y_A, self.Y_G
         self.Y_A = self.Y_G = None
         try:
-            super().load_state_dict(state)
+            super().load_state_dict(state, partial=partial)
         except Exception:
             self.Y_A, self.Y_G = saved
             raise

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..curvature.base import NonFiniteStatistics
+from ..errors import NonFiniteStatistics
 from ..state import Stateful
 
 __all__ = ["Collective", "DistributedError", "PeerFailed", "Value"]

@@ -37,11 +37,13 @@ from torch import Tensor
 from .assignment import WorkAssignment, balance
 from .comm import Collective
 
+from ..sharing import precondition_blocks
+
 if TYPE_CHECKING:
+    from ..block import LayerBlock
     from ..capture import LayerStats
     from ..curvature import Curvature
     from ..inverses import InverseStrategy
-    from ..preconditioner import Preconditioner
 
 __all__ = ["DataParallel", "SHARE_MODES"]
 
@@ -81,14 +83,14 @@ class DataParallel:
         self.assignment: WorkAssignment | None = None
 
     # ------------------------------------------------------------------ set-up
-    def bind(self, pre: Preconditioner) -> None:
+    def bind(self, method: str, blocks: Mapping[str, LayerBlock]) -> None:
         """Check the workers agree on the layers, and assign owners (called once by the
-        preconditioner's constructor)."""
+        preconditioner's constructor; ``method``: its class name)."""
         if self.comm is not None:
             raise RuntimeError("a DataParallel object serves one preconditioner; make a new one")
         comm = Collective(self.group)
-        shapes = {name: layer.handler.shape(layer.module) for name, layer in pre.layers.items()}
-        everyone = comm.all_gather_object((type(pre).__name__, sorted(shapes.items())))
+        shapes = {name: block.shape for name, block in blocks.items()}
+        everyone = comm.all_gather_object((method, sorted(shapes.items())))
         ours = everyone[comm.rank]
         for rank, theirs in enumerate(everyone):
             if theirs != ours:
@@ -97,22 +99,19 @@ class DataParallel:
                     f"{rank} has {theirs}; build the same model and method on every worker"
                 )
         if self.share == "gradient":
-            observing = [
-                n for n, layer in pre.layers.items() if layer.inverse.observe_every is not None
-            ]
+            observing = [b.inverse for b in blocks.values() if b.inverse.observe_every is not None]
             if observing:
-                inverse = type(pre.layers[observing[0]].inverse).__name__
                 raise ValueError(
-                    f"share='gradient' cannot serve {type(pre).__name__}: its {inverse} "
+                    f"share='gradient' cannot serve {method}: its {type(observing[0]).__name__} "
                     "re-fits statistics in its own basis from every worker's rows "
-                    f"(observe_every={pre.layers[observing[0]].inverse.observe_every}), so every "
+                    f"(observe_every={observing[0].observe_every}), so every "
                     "worker needs the basis; use share='inverse'"
                 )
         costs = {
             name: float(
                 self.cost(name, shape)
                 if self.cost is not None
-                else pre.layers[name].inverse.refresh_cost(shape)
+                else blocks[name].inverse.refresh_cost(shape)
             )
             for name, shape in shapes.items()
         }
@@ -140,40 +139,42 @@ class DataParallel:
         """:meth:`InverseStrategy.observe_across` over this group."""
         return functools.partial(inverse.observe_across, comm=self.comm)
 
-    def refresh(self, pre: Preconditioner, dampings: Mapping[str, float]) -> None:
+    def refresh(self, blocks: Mapping[str, LayerBlock], dampings: Mapping[str, float]) -> None:
         """Refresh the inverses this worker owns, then receive every other owner's
         :meth:`InverseStrategy.broadcast_keys` (one description + one flat broadcast per
         owner). With ``share="gradient"`` only the numbers and flags travel (e.g.
         Sherman–Morrison's count of full updates, which decides when every worker's
         curvature switches to diagonals), not the tensors."""
         for name in self.assignment.layers_of(self.rank):
-            pre._refresh(name, pre.layers[name], dampings[name])
+            blocks[name].refresh(dampings[name])
         for owner in range(self.world_size):
             names = self.assignment.layers_of(owner)
             if not names:
                 continue
             mine = None
             if owner == self.rank:
-                mine = {name: self._outgoing(pre.layers[name].inverse) for name in names}
+                mine = {name: self._outgoing(blocks[name].inverse) for name in names}
             received = self.comm.broadcast_values(mine, src=owner)
             # The owner too adopts the received copies: same memory layout on every worker,
             # so every worker's matmuls in apply() round alike and the runs stay identical.
             for name, state in received.items():
-                inverse = pre.layers[name].inverse
-                for key, value in state.items():
-                    setattr(inverse, key, value)
+                blocks[name].inverse.load_state_dict(state, partial=True)
 
     def precondition(
-        self, pre: Preconditioner, grads: Mapping[str, Tensor], dampings: Mapping[str, float]
+        self,
+        blocks: Mapping[str, LayerBlock],
+        grads: Mapping[str, Tensor],
+        dampings: Mapping[str, float],
+        scales: Mapping[str, float],
     ) -> dict[str, Tensor]:
         """``Δ`` of every layer in ``grads``. With ``share="inverse"`` every worker computes
         all of them (they agree: same gradients, same inverses). With ``share="gradient"``
         each worker preconditions only the layers it owns, then every owner broadcasts its
         ``Δ`` (one flat broadcast per owner and dtype)."""
         if self.share == "inverse":
-            return pre.precondition(grads, dampings)
+            return precondition_blocks(blocks, grads, dampings, scales)
         mine = {n: g for n, g in grads.items() if self.owns(n)}
-        deltas = {**grads, **pre.precondition(mine, dampings)}
+        deltas = {**grads, **precondition_blocks(blocks, mine, dampings, scales)}
         for owner in range(self.world_size):
             names = [n for n in self.assignment.layers_of(owner) if n in deltas]
             if names:

@@ -13,7 +13,7 @@ from ..curvature import Curvature
 from ..state import Stateful
 
 if TYPE_CHECKING:
-    from ..distributed.comm import Collective
+    from ..collective import Collective
 
 __all__ = ["InverseStrategy"]
 
@@ -62,6 +62,13 @@ class InverseStrategy(Stateful, ABC):
     @abstractmethod
     def apply(self, grad: Tensor, damping: float) -> Tensor:
         """The preconditioned direction ``Δ`` for gradient matrix ``grad`` (same shape)."""
+
+    def dense(self, curvature: Curvature, damping: float) -> Tensor:
+        """The damped block this strategy inverts, as a dense ``(d_out·d_in')²`` matrix
+        acting on the column-stacked ``vec(∇W̄)`` (``A ⊗ G`` is K-FAC's undamped block), so
+        that ``vec(apply(∇W̄, λ)) = dense(curvature, λ)⁻¹ vec(∇W̄)``. For tests and
+        studies on small layers only (the whole Kronecker product is formed)."""
+        raise NotImplementedError(f"{type(self).__name__} has no dense form")
 
     # ------------------------------------------------------------------ data parallelism
     def refresh_cost(self, shape: tuple[int, int]) -> float:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from ..curvature import Curvature
-from ..linalg import eigen_precondition, factored_damping_pi, kronecker_eigenbases
+from ..linalg import eigen_precondition, eye_like, factored_damping_pi, kronecker_eigenbases
 from .base import InverseStrategy
 
 __all__ = ["EigenInverse"]
@@ -60,3 +61,12 @@ class EigenInverse(InverseStrategy):
 
     def apply(self, grad: Tensor, damping: float) -> Tensor:
         return eigen_precondition(self.Q_G, grad, self.Q_A, self.scale(damping))
+
+    def dense(self, curvature: Curvature, damping: float) -> Tensor:
+        """``A ⊗ G + λI`` (exact) or ``A_d ⊗ G_d`` (factored) from the current factors."""
+        A, G = curvature.factors()
+        eye_A, eye_G = eye_like(A), eye_like(G)
+        if self.damping_mode == "exact":
+            return torch.kron(A, G) + damping * torch.kron(eye_A, eye_G)
+        pi, root = factored_damping_pi(A, G), math.sqrt(damping)
+        return torch.kron(A + pi * root * eye_A, G + root / pi * eye_G)

@@ -88,3 +88,9 @@ class EigenCorrectedInverse(InverseStrategy):
 
     def apply(self, grad: Tensor, damping: float) -> Tensor:
         return eigen_precondition(self.Q_G, grad, self.Q_A, self.scale(damping))
+
+    def dense(self, curvature: Curvature, damping: float) -> Tensor:
+        """``(Q_A⊗Q_G) diag(vec(S) + λ) (Q_A⊗Q_G)ᵀ`` (``S`` is fitted, not a function of the
+        curvature: the stored basis and re-scaling are used)."""
+        K = torch.kron(self.Q_A, self.Q_G)
+        return K @ torch.diag(self.S.T.reshape(-1) + damping) @ K.T

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from ..curvature import Curvature
-from ..linalg import damped_inverse, factored_damping_pi, kron_precondition
+from ..linalg import damped_inverse, eye_like, factored_damping_pi, kron_precondition
 from .base import InverseStrategy
 
 __all__ = ["FactoredInverse", "trace_pi", "unit_pi"]
@@ -57,3 +58,10 @@ class FactoredInverse(InverseStrategy):
 
     def apply(self, grad: Tensor, damping: float) -> Tensor:
         return kron_precondition(self.G_inv, grad, self.A_inv)
+
+    def dense(self, curvature: Curvature, damping: float) -> Tensor:
+        """``A_d ⊗ G_d`` from the curvature's current factors."""
+        A, G = curvature.factors()
+        pi, root = self.pi(A, G), math.sqrt(damping)
+        eye_A, eye_G = eye_like(A), eye_like(G)
+        return torch.kron(A + pi * root * eye_A, G + root / pi * eye_G)

@@ -133,5 +133,10 @@ class ShermanMorrisonInverse(InverseStrategy):
         eye_G = torch.eye(d_G.shape[0], dtype=d_G.dtype, device=d_G.device)
         return eye_A / (pi * root), eye_G * (pi / root)
 
+    def dense(self, curvature: Curvature, damping: float) -> Tensor:
+        """``(A_inv ⊗ G_inv)⁻¹`` from the stored approximate inverses (after the rank-one
+        updates no dense factor is kept to build it from)."""
+        return torch.linalg.inv(torch.kron(self.A_inv.T.contiguous(), self.G_inv.contiguous()))
+
     def apply(self, grad: Tensor, damping: float) -> Tensor:
         return kron_precondition(self.G_inv, grad, self.A_inv)

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from ..curvature import Curvature
-from ..curvature.batch_matrices import BatchMatrices
-from ..linalg import DecompositionError, damped_inverse
+from ..linalg import DecompositionError, damped_inverse, eye_like
 from .base import InverseStrategy
 
 __all__ = [
@@ -149,13 +148,15 @@ class WoodburyInverse(InverseStrategy):
         return None, None, woodbury_explicit(Y, L, damping)
 
     def refresh(self, curvature: Curvature, damping: float) -> None:
-        if not isinstance(curvature, BatchMatrices):
+        rows = curvature.batch_rows()
+        if rows is None:
             raise TypeError(
-                "WoodburyInverse needs a BatchMatrices curvature (running Y_A, Y_G), got "
-                f"{type(curvature).__name__}"
+                "WoodburyInverse needs a BatchMatrices curvature (or another whose "
+                f"Curvature.batch_rows gives running Y_A, Y_G), got {type(curvature).__name__}"
             )
-        A_side = self._factor(curvature.Y_A, damping)
-        G_side = self._factor(curvature.Y_G, damping)
+        Y_A, Y_G = rows
+        A_side = self._factor(Y_A, damping)
+        G_side = self._factor(Y_G, damping)
         self.Y_A, self.chol_A, self.inv_A = A_side
         self.Y_G, self.chol_G, self.inv_G = G_side
         self.damping = float(damping)
@@ -172,18 +173,27 @@ class WoodburyInverse(InverseStrategy):
             return out @ self.inv_A
         return woodbury_right(out, self.Y_A, self.chol_A, lam)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def dense(self, curvature: Curvature, damping: float) -> Tensor:
+        """``(A + λI) ⊗ (G + λI)`` with ``A = Y_AᵀY_A/m``, ``G = Y_GᵀY_G/m`` and the ``λ``
+        of the last refresh (the one :meth:`apply` uses)."""
+        A, G = curvature.factors()
+        lam = self.damping
+        eye_A, eye_G = eye_like(A), eye_like(G)
+        return torch.kron(A + lam * eye_A, G + lam * eye_G)
+
+    def load_state_dict(self, state: dict[str, Any], *, partial: bool = False) -> None:
         """As :meth:`Stateful.load_state_dict`; ``m`` may differ from the current one, and
         the Cholesky factors keep their double precision."""
         missing = [k for k in self._state_keys if k not in state]
-        if missing:
+        if missing and not partial:
             raise KeyError(f"{type(self).__name__} state is missing {missing}")
-        saved = {key: getattr(self, key) for key in self._state_keys}
-        for key in self._state_keys:
+        keys = [k for k in self._state_keys if k in state]
+        saved = {key: getattr(self, key) for key in keys}
+        for key in keys:
             setattr(self, key, None)
-        chol = ("chol_A", "chol_G")
+        chol = [k for k in ("chol_A", "chol_G") if k in state]
         try:
-            super().load_state_dict({**state, **dict.fromkeys(chol)})
+            super().load_state_dict({**state, **dict.fromkeys(chol)}, partial=partial)
             for key in chol:
                 value = state[key]
                 if value is not None:

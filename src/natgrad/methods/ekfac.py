@@ -3,16 +3,14 @@ re-scaling ``S`` fitted to per-sample gradients, damping on ``S`` (MATH.md, EKFA
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from ..config import PreconditionerConfig, check_decay, check_positive_int
 from ..curvature import KroneckerFactors
 from ..inverses import EigenCorrectedInverse
 from ..preconditioner import Preconditioner
 
-__all__ = ["EKFAC", "EKFACConfig", "RescalingConfig", "RescalingSchedule"]
+__all__ = ["EKFAC", "EKFACConfig", "RescalingConfig", "sync_rescaling"]
 
 
 @dataclass(kw_only=True)
@@ -35,6 +33,10 @@ class RescalingConfig(PreconditionerConfig):
         if self.rescale_decay is not None:
             check_decay("rescale_decay", self.rescale_decay)
 
+    def observe_decay(self) -> float:
+        """``rescale_decay``, or ``decay`` when it is ``None``."""
+        return self.decay if self.rescale_decay is None else self.rescale_decay
+
 
 @dataclass(kw_only=True)
 class EKFACConfig(RescalingConfig):
@@ -46,31 +48,14 @@ class EKFACConfig(RescalingConfig):
     kl_clip: float | None = 1e-2
 
 
-class RescalingSchedule:
-    """Mixin for a preconditioner whose config is a :class:`RescalingConfig`: keeps each
-    layer's :class:`~natgrad.inverses.EigenCorrectedInverse` ``observe_every`` equal to
-    ``config.T_s`` through :meth:`configure` and :meth:`load_state_dict`, and averages the
-    re-scaling with ``config.rescale_decay``."""
-
-    def observe_decay(self) -> float:
-        decay = self.config.rescale_decay
-        return self.config.decay if decay is None else decay
-
-    def _sync_rescaling_schedule(self) -> None:
-        for layer in self.layers.values():
-            layer.inverse.observe_every = self.config.T_s
-        self._capture.active = self._capture.active or self._wants_stats(self.steps)
-
-    def configure(self, **changes: Any) -> None:
-        super().configure(**changes)
-        self._sync_rescaling_schedule()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._sync_rescaling_schedule()
+def sync_rescaling(pre: Preconditioner) -> None:
+    """Keep each layer's :class:`~natgrad.inverses.EigenCorrectedInverse`
+    ``observe_every`` equal to ``config.T_s`` (EKFAC's and TEKFAC's ``sync_layers``)."""
+    for block in pre.layers.values():
+        block.inverse.observe_every = pre.config.T_s
 
 
-class EKFAC(RescalingSchedule, Preconditioner):
+class EKFAC(Preconditioner):
     """EKFAC for ``nn.Linear`` and ``nn.Conv2d``:
     ``Δ = Q_G [ (Q_Gᵀ ∇W̄ Q_A) ⊘ (S + λ) ] Q_Aᵀ`` per layer.
 
@@ -88,3 +73,6 @@ class EKFAC(RescalingSchedule, Preconditioner):
 
     def make_inverse(self, shape, dtype, device) -> EigenCorrectedInverse:
         return EigenCorrectedInverse(dtype, device, observe_every=self.config.T_s)
+
+    def sync_layers(self) -> None:
+        sync_rescaling(self)

@@ -4,7 +4,6 @@ factored-damping inverse (default) or eigen form."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..config import PreconditionerConfig
 from ..curvature import KroneckerFactors
@@ -44,17 +43,8 @@ class KFAC(Preconditioner):
     """
 
     config_class = KFACConfig
-
-    def configure(self, **changes: Any) -> None:
-        """As :meth:`Preconditioner.configure`; ``inverse`` is fixed at construction (it
-        decides what each layer stores)."""
-        if "inverse" in changes and changes["inverse"] != self.config.inverse:
-            raise ValueError(
-                "inverse is fixed when the preconditioner is built (here "
-                f"{self.config.inverse!r}); build a new KFAC(..., "
-                f"inverse={changes['inverse']!r}) instead"
-            )
-        super().configure(**changes)
+    # ``inverse`` decides what each layer stores.
+    fixed_fields = ("inverse",)
 
     def make_curvature(self, shape, dtype, device) -> KroneckerFactors:
         return KroneckerFactors(shape, dtype, device)

@@ -3,9 +3,7 @@ damped inverses are applied through Woodbury's identity (MATH.md, SKFAC)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -84,18 +82,10 @@ class SKFAC(Preconditioner):
     def make_inverse(self, shape, dtype, device) -> WoodburyInverse:
         return WoodburyInverse(dtype, device)
 
-    def _sync_reduction(self) -> None:
-        for layer in self.layers.values():
-            layer.curvature.reduction = self.config.reduction
-            layer.curvature.samples = self.config.spatial_samples
-
-    def configure(self, **changes: Any) -> None:
-        """As :meth:`~natgrad.Preconditioner.configure`; a new ``reduction`` or
-        ``spatial_samples`` applies from the next curvature update (the running rows
-        change count by :func:`~natgrad.curvature.batch_matrices.blend_rows`' rule)."""
-        super().configure(**changes)
-        self._sync_reduction()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._sync_reduction()
+    def sync_layers(self) -> None:
+        """A new ``reduction`` or ``spatial_samples`` applies from the next curvature update
+        (the running rows change count by
+        :func:`~natgrad.curvature.batch_matrices.blend_rows`' rule)."""
+        for block in self.layers.values():
+            block.curvature.reduction = self.config.reduction
+            block.curvature.samples = self.config.spatial_samples

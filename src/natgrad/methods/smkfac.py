@@ -4,9 +4,7 @@ accumulated (MATH.md, Sherman–Morrison K-FAC)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from ..config import PreconditionerConfig, check_positive
 from ..curvature import DiagonalSwitchFactors
@@ -60,10 +58,6 @@ class SMKFAC(Preconditioner):
 
     config_class = SMKFACConfig
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._sync()
-
     def make_curvature(self, shape, dtype, device) -> DiagonalSwitchFactors:
         return DiagonalSwitchFactors(shape, dtype, device, diagonal_only=self.config.k == 0)
 
@@ -71,27 +65,15 @@ class SMKFAC(Preconditioner):
         c = self.config
         return ShermanMorrisonInverse(dtype, device, k=c.k, alpha=c.alpha, beta=c.beta)
 
-    def _sync(self) -> None:
+    def sync_layers(self) -> None:
         """Push ``k``, ``α``, ``β`` to the inverses; switch every layer whose ``k`` full
         inverse updates are done to diagonal-only accumulation."""
-        for layer in self.layers.values():
-            inverse = layer.inverse
+        for block in self.layers.values():
+            inverse = block.inverse
             inverse.k, inverse.alpha, inverse.beta = (
                 self.config.k,
                 self.config.alpha,
                 self.config.beta,
             )
             if inverse.in_rank_one_phase:
-                layer.curvature.switch_to_diagonal()
-
-    def step(self) -> None:
-        super().step()
-        self._sync()
-
-    def configure(self, **changes: Any) -> None:
-        super().configure(**changes)
-        self._sync()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._sync()
+                block.curvature.switch_to_diagonal()

@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..curvature import TraceRestrictedFactors
-from ..damping import TraceAdaptiveDamping, TraceDampingConfig
+from ..block import LayerBlock
+from ..damping import DampingPolicy, TraceDamping, TraceDampingConfig
 from ..inverses import EigenCorrectedInverse
 from ..preconditioner import Preconditioner
-from .ekfac import RescalingConfig, RescalingSchedule
+from .ekfac import RescalingConfig, sync_rescaling
 
 __all__ = ["TEKFAC", "TEKFACConfig"]
 
@@ -29,14 +30,14 @@ class TEKFACConfig(TraceDampingConfig, RescalingConfig):
     kl_clip: float | None = 1e-2
 
 
-class TEKFAC(TraceAdaptiveDamping, RescalingSchedule, Preconditioner):
+class TEKFAC(Preconditioner):
     """TEKFAC for ``nn.Linear`` and ``nn.Conv2d``:
     ``Δ = Q_Ψ [ (Q_Ψᵀ ∇W̄ Q_Φ) ⊘ (Θ + λ_l) ] Q_Φᵀ`` (``004_…`` eq. 3.9).
 
     ``Q_Φ``, ``Q_Ψ`` are the eigenbases of TKFAC's running ``Φ``, ``Ψ`` (every ``T_inv``
     steps); ``Θ = E[(Q_Ψᵀ ∇W̄_i Q_Φ)^{⊙2}]`` (every ``T_s`` steps, restarted in a new
     basis, initialised to TKFAC's own eigenvalues ``δ·ψ φᵀ``). Damping:
-    :class:`~natgrad.damping.TraceAdaptiveDamping` with ``tr F̂_l = tr Θ_l``.
+    :class:`~natgrad.damping.TraceDamping` with ``tr F̂_l = tr Θ_l``.
     """
 
     config_class = TEKFACConfig
@@ -47,8 +48,15 @@ class TEKFAC(TraceAdaptiveDamping, RescalingSchedule, Preconditioner):
     def make_inverse(self, shape, dtype, device) -> EigenCorrectedInverse:
         return EigenCorrectedInverse(dtype, device, observe_every=self.config.T_s)
 
-    def block_trace(self, name: str) -> float | None:
-        layer = self.layers[name]
-        if layer.inverse.ready:
-            return layer.inverse.trace()
-        return layer.curvature.trace() if layer.curvature.initialized else None
+    def make_damping(self) -> DampingPolicy:
+        return TraceDamping(theta_trace)
+
+    def sync_layers(self) -> None:
+        sync_rescaling(self)
+
+
+def theta_trace(block: LayerBlock) -> float | None:
+    """``tr Θ_l`` once the re-scaling exists, else TKFAC's ``δ`` (``None`` before any batch)."""
+    if block.inverse.ready:
+        return block.inverse.trace()
+    return block.curvature.trace() if block.curvature.initialized else None

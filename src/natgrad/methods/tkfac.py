@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..curvature import TraceRestrictedFactors
-from ..damping import TraceAdaptiveDamping, TraceDampingConfig
+from ..block import LayerBlock
+from ..damping import DampingPolicy, TraceDamping, TraceDampingConfig
 from ..inverses import FactoredInverse, unit_pi
 from ..preconditioner import Preconditioner
 
@@ -27,7 +28,7 @@ class TKFACConfig(TraceDampingConfig):
     kl_clip: float | None = 1e-2
 
 
-class TKFAC(TraceAdaptiveDamping, Preconditioner):
+class TKFAC(Preconditioner):
     """TKFAC for ``nn.Linear`` and ``nn.Conv2d``: ``Δ = Ψ̂⁻¹ ∇W̄ Φ̂⁻¹`` with
     ``Φ̂ = sqrt(δ)Φ + sqrt(λ_l)I`` and ``Ψ̂ = sqrt(δ)Ψ + sqrt(λ_l)I``.
 
@@ -44,11 +45,10 @@ class TKFAC(TraceAdaptiveDamping, Preconditioner):
 
     The curvature's ``factors()`` are ``(sqrt(δ)Φ, sqrt(δ)Ψ)``, so the inverse is
     K-FAC's :class:`~natgrad.inverses.FactoredInverse` with the even split ``π = 1``.
-    Damping: :class:`~natgrad.damping.TraceAdaptiveDamping` with ``tr F̂_l = δ``.
+    Damping: :class:`~natgrad.damping.TraceDamping` with ``tr F̂_l = δ``.
     """
 
     config_class = TKFACConfig
-    damping_baked_at_refresh = True
 
     def make_curvature(self, shape, dtype, device) -> TraceRestrictedFactors:
         return TraceRestrictedFactors(shape, dtype, device)
@@ -56,6 +56,10 @@ class TKFAC(TraceAdaptiveDamping, Preconditioner):
     def make_inverse(self, shape, dtype, device) -> FactoredInverse:
         return FactoredInverse(dtype, device, pi=unit_pi)
 
-    def block_trace(self, name: str) -> float | None:
-        curvature = self.layers[name].curvature
-        return curvature.trace() if curvature.initialized else None
+    def make_damping(self) -> DampingPolicy:
+        return TraceDamping(delta_trace)
+
+
+def delta_trace(block: LayerBlock) -> float | None:
+    """``tr(δ Φ⊗Ψ) = δ`` of the block's curvature (``None`` before its first batch)."""
+    return block.curvature.trace() if block.curvature.initialized else None
