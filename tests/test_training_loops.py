@@ -307,3 +307,78 @@ def test_a_batch_dim_beyond_the_input_is_a_clear_error():
     cap = watch(lin, "", batch_dims={"": 2})  # noqa: F841 (hooks hold it weakly)
     with pytest.raises(ValueError, match=r"layer '': batch_dim=2 but its input has shape \(4, 3\)"):
         lin(torch.randn(4, 3))
+
+
+# --------------------------------------------------------------------- through the preconditioner
+def test_preconditioner_tied_layer_has_the_stacked_factors():
+    torch.manual_seed(4)
+    inp, shared = nn.Linear(4, 3), nn.Linear(3, 3)
+
+    class Tied(nn.Module):
+        def __init__(self, stacked):
+            super().__init__()
+            self.inp, self.shared, self.stacked = copy.deepcopy(inp), copy.deepcopy(shared), stacked
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            if self.stacked:
+                both = self.shared(torch.stack([h, 2 * h], 1))
+                return both[:, 0] * both[:, 1]
+            return self.shared(h) * self.shared(2 * h)
+
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    factors = []
+    for stacked in (True, False):
+        model = Tied(stacked)
+        pre = natgrad.KFAC(model, kl_clip=None)
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        factors.append(pre.factors())
+    assert_factors_equal(factors[1], factors[0])
+
+
+def test_preconditioner_paused():
+    model, x, y = cnn_and_batch()
+    want = full_batch_factors(model, x, y)
+    pre = natgrad.KFAC(model, kl_clip=None)
+    with pre.paused():  # e.g. a consistency loss on another view, not training data
+        F.cross_entropy(model(torch.randn(4, 1, 8, 8)), y[:4]).backward()
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    assert_factors_equal(pre.factors(), want)
+
+
+def test_sequence_first_transformer_has_the_batch_first_factors():
+    torch.manual_seed(5)
+    kwargs = dict(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0)
+    first = nn.TransformerEncoderLayer(**kwargs, batch_first=True)
+    seq = nn.TransformerEncoderLayer(**kwargs, batch_first=False)
+    seq.load_state_dict(first.state_dict())
+    x, target = torch.randn(3, 5, 8), torch.randn(3, 5, 8)  # (M, T, d)
+    factors = []
+    for model, inputs, targets in ((first, x, target), (seq, x.transpose(0, 1), target.transpose(0, 1))):
+        with pytest.warns(natgrad.UnsupportedLayerWarning, match="out_proj"):
+            pre = natgrad.KFAC(model, kl_clip=None)
+        F.mse_loss(model(inputs), targets).backward()
+        pre.step()
+        factors.append(pre.factors())
+    assert set(factors[0]) == {"linear1", "linear2"}
+    assert_factors_equal(factors[1], factors[0])
+
+
+def test_batch_dim_argument():
+    lin = nn.Linear(4, 3)
+    x, target = torch.randn(5, 6, 4), torch.randn(5, 6, 3)
+    pre = natgrad.KFAC(lin, kl_clip=None)
+    F.mse_loss(lin(x), target).backward()
+    pre.step()
+    want = pre.factors()
+    pre.remove()
+    lin.zero_grad()
+    pre = natgrad.KFAC(lin, kl_clip=None, batch_dim=1)
+    F.mse_loss(lin(x.transpose(0, 1)), target.transpose(0, 1)).backward()
+    pre.step()
+    assert_factors_equal(pre.factors(), want)
+    with pytest.raises(ValueError, match=r"batch_dim=1 for layer '0' \(Conv2d\)"):
+        natgrad.KFAC(digits_cnn(), batch_dim={"0": 1})

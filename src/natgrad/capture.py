@@ -197,6 +197,8 @@ class LayerCapture:
 
     Attributes:
         active: record on the next forward/backward pass (set by the preconditioner).
+        called: names of the layers whose module has been called at least once (a layer
+            whose weight is only used directly, ``F.linear(x, layer.weight)``, never is).
         record_grads: keep gradients of the training loss reaching layer outputs. The
             Monte-Carlo Fisher turns it off and records its sampled backward under
             :meth:`per_sample_grads`.
@@ -215,6 +217,7 @@ class LayerCapture:
         self.batch_dims = {name: 0 for name in modules} | dict(batch_dims or {})
         self.active = True
         self.record_grads = True
+        self.called: set[str] = set()
         self._paused = 0
         self._summed = 0
         self._done: dict[str, list[_Pass]] = {name: [] for name in modules}
@@ -253,6 +256,8 @@ class LayerCapture:
         kwargs: dict[str, Any],
         output: Any,
     ) -> None:
+        if name not in self.called:
+            self.called.add(name)
         if not (self.active and not self._paused and module.training):
             return
         if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
