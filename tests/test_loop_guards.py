@@ -28,7 +28,7 @@ def grads_of(model):
 
 # --------------------------------------------------------------------- 1: GradScaler
 def test_grad_scaler_gives_the_unscaled_factors_and_direction():
-    (x, y), = batches32(1)
+    ((x, y),) = batches32(1)
     plain, scaled = cnn_float32(), cnn_float32()
     opt_p = torch.optim.SGD(plain.parameters(), lr=0.05)
     opt_s = torch.optim.SGD(scaled.parameters(), lr=0.05)
@@ -157,7 +157,7 @@ def test_a_layer_whose_module_is_never_called_warns_once():
 def test_step_twice_for_one_backward_is_an_error():
     model = cnn_float32()
     pre = natgrad.KFAC(model, kl_clip=None)
-    (x, y), = batches32(1)
+    ((x, y),) = batches32(1)
     F.cross_entropy(model(x), y).backward()
     pre.step()
     grads = grads_of(model)
@@ -212,7 +212,7 @@ def test_a_non_finite_gradient_is_never_passed_on_silently():
 
 # --------------------------------------------------------------------- 8: load_state_dict
 def test_load_state_dict_of_other_widths_changes_nothing():
-    (x, y), = digit_batches(1)
+    ((x, y),) = digit_batches(1)
     wide = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).double()
     narrow = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)).double()
     pres = []
@@ -256,7 +256,8 @@ def test_factors_follow_the_model_dtype():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     pre = natgrad.KFAC(model, kl_clip=None)
     model.double()
-    F.cross_entropy(model(torch.randn(5, 3, dtype=torch.float64)), torch.randint(0, 2, (5,))).backward()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    F.cross_entropy(model(x), torch.randint(0, 2, (5,))).backward()
     pre.step()
     assert all(A.dtype == G.dtype == torch.float64 for A, G in pre.factors().values())
     assert model[0].weight.grad.dtype == torch.float64
@@ -269,7 +270,8 @@ def test_kl_clipping_reads_the_bias_groups_learning_rate():
         [{"params": [model.weight], "lr": 0.01}, {"params": [model.bias], "lr": 1.0}]
     )
     pre = natgrad.KFAC(model, opt, kl_clip=1e-6)
-    F.cross_entropy(model(torch.randn(8, 3, dtype=torch.float64)), torch.randint(0, 2, (8,))).backward()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    F.cross_entropy(model(x), torch.randint(0, 2, (8,))).backward()
     grad = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1)
     pre.step()
     clipped = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1)

@@ -357,7 +357,8 @@ def test_sequence_first_transformer_has_the_batch_first_factors():
     seq.load_state_dict(first.state_dict())
     x, target = torch.randn(3, 5, 8), torch.randn(3, 5, 8)  # (M, T, d)
     factors = []
-    for model, inputs, targets in ((first, x, target), (seq, x.transpose(0, 1), target.transpose(0, 1))):
+    runs = ((first, x, target), (seq, x.transpose(0, 1), target.transpose(0, 1)))
+    for model, inputs, targets in runs:
         with pytest.warns(natgrad.UnsupportedLayerWarning, match="out_proj"):
             pre = natgrad.KFAC(model, kl_clip=None)
         F.mse_loss(model(inputs), targets).backward()

@@ -41,8 +41,8 @@ from .errors import (  # noqa: F401 - re-exported: natgrad.preconditioner.*Warni
     UnsupportedLayerWarning,
     WarnOnce,
 )
-from .inverses import InverseStrategy
 from .gate import StepGate
+from .inverses import InverseStrategy
 from .mc_fisher import backpropagate_sampled_targets
 from .resume import check_fixed_settings, check_layer_state
 from .schedule import Schedule
