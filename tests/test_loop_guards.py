@@ -252,15 +252,26 @@ def test_load_state_dict_of_another_inverse_changes_nothing():
 
 
 # --------------------------------------------------------------------- 9: smaller traps
-def test_factors_follow_the_model_dtype():
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    pre = natgrad.KFAC(model, kl_clip=None)
-    model.double()
-    x = torch.randn(5, 3, dtype=torch.float64)
-    F.cross_entropy(model(x), torch.randint(0, 2, (5,))).backward()
-    pre.step()
+@pytest.mark.parametrize("method", sorted(natgrad.METHODS))
+def test_factors_follow_the_model_dtype(method):
+    """model.double() after building: statistics, inverses and Δ follow, for every method
+    (steps before and after the cast, each refreshing the inverses)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pre = natgrad.METHODS[method](model, opt, T_cov=1, T_inv=1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    for i in range(4):
+        if i == 2:
+            model.double()
+            x = x.double()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()
     assert all(A.dtype == G.dtype == torch.float64 for A, G in pre.factors().values())
-    assert model[0].weight.grad.dtype == torch.float64
+    assert model[3].weight.grad.dtype == torch.float64
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_kl_clipping_reads_the_bias_groups_learning_rate():

@@ -21,7 +21,8 @@ each situation a training loop meets:
   until :meth:`~LayerCapture.pop` (the preconditioner's step), or dropped at the layer's
   next forward pass once the parameter gradients it explains were cleared
   (``zero_grad()``): the step that would have used it never came. So a preconditioner
-  that is never stepped holds at most one batch.
+  that is never stepped holds at most one batch (with ``zero_grad(set_to_none=False)``
+  the gradient tensors stay, and passes are kept until the next step).
 * **One batch per step (gradient accumulation).** Every pass completed since the last pop
   is one batch of ``M`` samples, ``M`` the sum of the passes' batch sizes: micro-batches
   whose losses are divided by their number, or one loss over several forward passes,

@@ -87,13 +87,15 @@ def select_layers(
 ) -> tuple[dict[str, tuple[nn.Module, LayerHandler]], dict[str, str]]:
     """``({name: (module, handler)}, {name: why it is left out})`` in module order.
 
-    Excluded modules appear in neither; supported-type modules the handler refuses
-    (grouped convolutions, …) appear in the second with the handler's reason, and an
-    :class:`~natgrad.errors.UnsupportedLayerWarning` names them. ``owner`` (the method's
-    name) is used in messages.
+    Excluded modules appear in neither; modules the handler refuses (grouped
+    convolutions, derived weights, …), multi-head attention's ``out_proj`` and weight
+    layers without a handler appear in the second with the reason, and one
+    :class:`~natgrad.errors.UnsupportedLayerWarning` names them; frozen layers appear
+    there too, without a warning. ``owner`` (the method's name) is used in messages.
 
     Raises:
-        ValueError: no layer is left to precondition.
+        ValueError: no layer is left to precondition, or an ``exclude`` pattern matches
+            no module.
     """
     exclude = check_exclude(exclude)
     modules = dict(model.named_modules())
