@@ -383,3 +383,24 @@ def test_batch_dim_argument():
     assert_factors_equal(pre.factors(), want)
     with pytest.raises(ValueError, match=r"batch_dim=1 for layer '0' \(Conv2d\)"):
         natgrad.KFAC(digits_cnn(), batch_dim={"0": 1})
+
+
+def test_mc_fisher_micro_batches_give_the_full_batch_factors(monkeypatch):
+    """The sampled backward of each micro-batch records per-sample gradients (a summed
+    loss), so accumulation needs no rescaling there either. Targets fixed to the argmax
+    so that both runs sample the same labels."""
+    monkeypatch.setattr(
+        "natgrad.mc_fisher.sample_targets", lambda outputs, likelihood, gen: outputs.argmax(-1)
+    )
+    model, x, y = cnn_and_batch()
+    factors = []
+    for n in (1, 3):
+        twin = copy.deepcopy(model)
+        pre = natgrad.KFAC(twin, kl_clip=None, fisher="mc")
+        for xs, ys in zip(x.chunk(n), y.chunk(n)):
+            out = twin(xs)
+            pre.sample_fisher(out)
+            (F.cross_entropy(out, ys) / n).backward()
+        pre.step()
+        factors.append(pre.factors())
+    assert_factors_equal(factors[1], factors[0])
