@@ -396,7 +396,8 @@ def warn_uncalled(faults: WarnOnce, grads: Mapping[str, Tensor], called: set[str
                 "uncalled",
                 f"layer {name!r} has a gradient but its module was never called (its "
                 "weight used directly, e.g. F.linear(x, layer.weight)): natgrad cannot "
-                "see its inputs, and its gradient is left as it is. exclude it",
+                "see its inputs, so its gradient is not preconditioned (only KL-clipped); "
+                "exclude it to say so",
                 UnsupportedLayerWarning,
             )
 
@@ -443,6 +444,9 @@ def check_loadable(pre: Preconditioner, state: Mapping[str, Any]) -> None:
     """Every check of :meth:`Preconditioner.load_state_dict`, before it changes anything:
     version, method, layer names, config, fixed settings, each layer's state and shapes."""
     check_state(state, type(pre).__name__, pre.layers)
+    missing = sorted({"steps", "stale", "config", "generator"} - set(state))
+    if missing:
+        raise ValueError(f"state is missing {missing}: not a complete state_dict()")
     pre.config_class(**state["config"])
     check_fixed_settings(state["config"], pre.config.as_dict(), pre.fixed_fields)
     for name, block in pre.layers.items():
