@@ -83,7 +83,7 @@ def per_sample_grad_matrices(
 
 
 def vec(V: Tensor) -> Tensor:
-    """Column-stacking ``vec`` (MATH.md): ``vec(g āᵀ) = ā ⊗ g``."""
+    """Column-stacking ``vec`` (docs/math.md §1): ``vec(g āᵀ) = ā ⊗ g``."""
     return V.T.reshape(-1)
 
 

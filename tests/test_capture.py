@@ -1,4 +1,4 @@
-"""Captured rows and K-FAC factors against MATH.md's formulas computed by hand."""
+"""Captured rows and K-FAC factors against docs/math.md §1's formulas computed by hand."""
 
 import itertools
 

@@ -58,7 +58,7 @@ def test_build_equals_the_method_in_front_of_the_torch_optimizer(method, rule):
 
 @pytest.mark.parametrize("rule", ["nag", "adam", "radam"])
 def test_ekfac_update_rules_step_with_the_dense_ekfac_direction(rule):
-    """EKFAC-NAG/-Adam/-RAdam (``001_…``): the optimizer receives exactly
+    """EKFAC-NAG/-Adam/-RAdam (Xu 2021): the optimizer receives exactly
     ``(Q_A⊗Q_G) diag(S+λ)⁻¹ (Q_A⊗Q_G)ᵀ vec(∇W̄)`` as its gradient."""
     model = tiny_cnn(seed=0)
     twin = copy.deepcopy(model)

@@ -162,3 +162,46 @@ def test_non_finite_batch_leaves_S_untouched():
         pre.step()
     for n, layer in pre.layers.items():
         assert torch.equal(layer.inverse.S, S[n])
+
+
+@pytest.mark.parametrize("model_fn", [tiny_mlp, tiny_cnn])
+def test_batch_scale_rule_sets_S_to_the_last_mini_batch_estimate(model_fn):
+    """Xu 2021, Algorithm 1, UpdateScale: ``s* ← E_D[((U_A ⊗ U_G)ᵀ ∇θ)²]`` of the current
+    mini-batch — per-sample gradients from ``torch.func``, no average across batches."""
+    torch.manual_seed(0)
+    model = model_fn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pre = natgrad.EKFAC(model, opt, kl_clip=None, T_s=1, T_inv=100, decay=0.5)
+    assert pre.config.scale_rule == "batch"  # the default: Xu 2021's rule
+    assert all(layer.inverse.scale_rule == "batch" for layer in pre.layers.values())
+    running = {}
+    for step in range(3):
+        x, y = data(model)
+        x = x + 0.3 * step
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        twin = model_fn()  # the same weights without the preconditioner's hooks
+        twin.load_state_dict(model.state_dict())
+        for name, layer in pre.layers.items():
+            inv = layer.inverse
+            ref = explicit_S(twin, name, x, y, inv.Q_A, inv.Q_G)
+            torch.testing.assert_close(inv.S, ref, rtol=1e-10, atol=1e-14)
+            running[name] = ref if step == 0 else 0.5 * running[name] + 0.5 * ref
+            if step > 0:  # the running rule would have given something else
+                assert not torch.allclose(inv.S, running[name])
+        opt.step()
+
+
+def test_scale_rule_is_checked_and_reaches_the_inverses():
+    with pytest.raises(ValueError, match="scale_rule must be one of.*'batch'.*got 'mean'"):
+        EigenCorrectedInverse(torch.float64, torch.device("cpu"), scale_rule="mean")
+    with pytest.raises(ValueError, match="scale_rule must be one of.*got 'mean'"):
+        natgrad.EKFAC(tiny_mlp(), scale_rule="mean")
+    pre = natgrad.EKFAC(tiny_mlp(), scale_rule="running")
+    assert all(layer.inverse.scale_rule == "running" for layer in pre.layers.values())
+    pre.configure(scale_rule="batch")
+    assert all(layer.inverse.scale_rule == "batch" for layer in pre.layers.values())
+    tekfac = natgrad.TEKFAC(tiny_mlp())  # Gao et al. 2020, eq. 3.6: a running average
+    assert tekfac.config.scale_rule == "running"
+    assert all(layer.inverse.scale_rule == "running" for layer in tekfac.layers.values())

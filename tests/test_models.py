@@ -103,3 +103,43 @@ def test_kfac_preconditions_every_conv_and_linear_of_resnet20():
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _imagenet_resnet_count(depth: int, classes: int) -> int:
+    """Closed form of He et al. 2016, Table 1, with projection shortcuts (option B)."""
+    total = _conv(3, 64, 7, False) + _bn(64)
+    c_in, bottleneck = 64, depth == 50
+    for planes, count in zip((64, 128, 256, 512), (3, 4, 6, 3)):
+        c_out = planes * (4 if bottleneck else 1)
+        for i in range(count):
+            if bottleneck:
+                total += _conv(c_in, planes, 1, False) + _bn(planes)
+                total += _conv(planes, planes, 3, False) + _bn(planes)
+                total += _conv(planes, c_out, 1, False) + _bn(c_out)
+            else:
+                total += _conv(c_in, planes, 3, False) + _bn(planes)
+                total += _conv(planes, planes, 3, False) + _bn(planes)
+            if c_in != c_out or (i == 0 and planes != 64):
+                total += _conv(c_in, c_out, 1, False) + _bn(c_out)
+            c_in = c_out
+    return total + c_in * classes + classes
+
+
+@pytest.mark.parametrize("depth, published", [(34, 21_797_672), (50, 25_557_032)])
+def test_imagenet_resnet_parameter_counts(depth, published):
+    model = build_model(f"resnet{depth}", 3, 1000, 224)
+    assert count_parameters(model) == published == _imagenet_resnet_count(depth, 1000)
+    assert count_parameters(build_model(f"resnet{depth}", 3, 10, 32)) == (
+        _imagenet_resnet_count(depth, 10)
+    )
+
+
+@pytest.mark.parametrize("depth, width", [(34, 512), (50, 2048)])
+def test_imagenet_resnet_stem_stages_and_shapes(depth, width):
+    model = build_model(f"resnet{depth}", 3, 1000, 224)
+    assert (model.conv.kernel_size, model.conv.stride) == ((7, 7), (2, 2))
+    assert isinstance(model.pool, nn.MaxPool2d)
+    assert [len(s) for s in model.stages] == [3, 4, 6, 3]
+    feats = model.stages(model.pool(model.bn(model.conv(torch.randn(1, 3, 224, 224)))))
+    assert feats.shape == (1, width, 7, 7)  # stride 32 overall
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)

@@ -1,4 +1,4 @@
-"""SKFAC (``003_…``): Woodbury application, Reduce-Sum / Spatial-Subsampling rows and the
+"""SKFAC (Tang et al. 2021): Woodbury application, Reduce-Sum / Spatial-Subsampling rows and the
 running batch matrices, against dense references in float64."""
 
 import copy
@@ -192,21 +192,29 @@ def test_linear_rows_are_the_plain_rows_and_factors_are_kfacs():
     torch.testing.assert_close(reduce_sum_rows(a), a[:, 0])
 
 
-def test_model_rows_match_hand_computed_patches_and_per_sample_grads():
+@pytest.mark.parametrize("reading", ["kfc", "algorithm2"])
+def test_model_rows_match_hand_computed_patches_and_per_sample_grads(reading):
     torch.manual_seed(3)
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4)
     )
     x, y = torch.randn(5, 2, 8, 8), torch.randint(0, 4, (5,))
-    pre = natgrad.SKFAC(model, kl_clip=None)
+    pre = natgrad.SKFAC(model, kl_clip=None, reading=reading)
     F.cross_entropy(model(x), y).backward()
     pre.step()
     a = patches_by_loops(x, model[0])
     g = per_sample_output_grads(model, model[0], x, y)
     P = a.shape[1]
     curv = pre.layers["0"].curvature
-    torch.testing.assert_close(curv.Y_A, a.sum(1) / math.sqrt(P), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(curv.Y_G, g.sum(1) / P, rtol=1e-10, atol=1e-12)
+    if reading == "kfc":
+        torch.testing.assert_close(curv.Y_A, a.sum(1) / math.sqrt(P), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(curv.Y_G, g.sum(1) / P, rtol=1e-10, atol=1e-12)
+        return
+    # Algorithm 2: raw sums (m = 5 < 19 = d_in'); G (3 <= 5) is the exact unreduced factor
+    torch.testing.assert_close(curv.Y_A, a.sum(1), rtol=1e-10, atol=1e-12)
+    flat = g.reshape(-1, 3)
+    assert curv.Y_G is None
+    torch.testing.assert_close(curv.X_G, flat.T @ flat / 5, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- running average
@@ -247,7 +255,126 @@ def test_non_finite_batch_leaves_rows_and_generator_untouched():
     with pytest.raises(NonFiniteStatistics):
         curv.update(natgrad.LayerStats(a, g_bad), 0.5)
     after = curv.state_dict()
-    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(
+        after[k] is before[k] is None or torch.equal(after[k], before[k]) for k in before
+    )
+
+
+# ---------------------------------------------------------------- Algorithm 2 as written
+def algorithm2_inverse(Y_full, reduced, M, damping):
+    """Tang et al. 2021, Algorithm 2 for one factor, the slow obvious way: ``Y_full`` the
+    ``(M·s, n)`` raw rows, ``reduced`` the ``(m, n)`` reduced rows (``Ȳ`` or ``Ỹ``).
+    Lines 3–4 / 13–14: ``m ≥ n`` → ``(λI + YᵀY/M)⁻¹`` of the unreduced rows; else lines
+    8 / 17: ``λ⁻¹[I − Ỹᵀ(MλI + ỸỸᵀ)⁻¹Ỹ]``."""
+    n = Y_full.shape[1]
+    eye = torch.eye(n)
+    if reduced.shape[0] >= n:
+        return torch.linalg.inv(damping * eye + Y_full.T @ Y_full / M)
+    K = M * damping * torch.eye(reduced.shape[0]) + reduced @ reduced.T
+    return (eye - reduced.T @ torch.linalg.inv(K) @ reduced) / damping
+
+
+@pytest.mark.parametrize(
+    "reduction,samples", [("reduce_sum", 1), ("subsample", 1), ("subsample", 2), ("subsample", 8)]
+)
+def test_algorithm2_reading_equals_the_papers_inverses(reduction, samples):
+    """Raw sums with ``MλI``, and the exact unreduced factor whenever the reduced row count
+    reaches the factor's size; two batches, so the running averages are exercised too
+    (rows averaged by eqs. 26–27, an exact factor averaged as a matrix)."""
+    M, P, n_A, n_G, damping, decay = 6, 4, 10, 3, 0.03, 0.5
+    torch.manual_seed(samples)
+    batches = [(torch.randn(M, P, n_A), torch.randn(M, P, n_G)) for _ in range(2)]
+    curv = BatchMatrices(
+        (n_G, n_A), torch.float64, CPU, reduction=reduction, samples=samples, seed=7,
+        reading="algorithm2",
+    )
+    draw = torch.Generator().manual_seed(7)
+    ref_rows = {"A": None, "G": None}
+    ref_full = {"A": None, "G": None}
+    for j, (a, g) in enumerate(batches):
+        curv.update(natgrad.LayerStats(a, g), 0.0 if j == 0 else decay)
+        if reduction == "reduce_sum":
+            reduced = {"A": a.sum(1), "G": g.sum(1)}
+        else:
+            index = sample_positions(M, P, samples, draw)
+            s = index.shape[1]
+            reduced = {
+                k: torch.stack([r[i, index[i]] for i in range(M)]).reshape(M * s, -1)
+                for k, r in (("A", a), ("G", g))
+            }
+        full = {"A": a.reshape(M * P, n_A), "G": g.reshape(M * P, n_G)}
+        w = 0.0 if j == 0 else decay
+        for k in "AG":
+            ref_rows[k] = reduced[k] if j == 0 else w * ref_rows[k] + (1 - w) * reduced[k]
+            gram = full[k].T @ full[k] / M
+            ref_full[k] = gram if j == 0 else w * ref_full[k] + (1 - w) * gram
+    inv = WoodburyInverse(torch.float64, CPU)
+    inv.refresh(curv, damping)
+    expected = {}
+    for k, n in (("A", n_A), ("G", n_G)):
+        m = ref_rows[k].shape[0]
+        if m >= n:  # the exact branch: the running unreduced factor
+            expected[k] = torch.linalg.inv(damping * torch.eye(n) + ref_full[k])
+            assert getattr(curv, f"X_{k}") is not None
+        else:
+            expected[k] = algorithm2_inverse(ref_rows[k], ref_rows[k], M, damping)
+            assert getattr(curv, f"X_{k}") is None
+    V = torch.randn(n_G, n_A)
+    torch.testing.assert_close(
+        inv.apply(V, damping), expected["G"] @ V @ expected["A"], rtol=1e-9, atol=1e-11
+    )
+
+
+def test_algorithm2_single_batch_matches_the_literal_algorithm():
+    """One batch, no running average: exactly ``algorithm2_inverse`` on each factor."""
+    M, P, n_A, n_G, damping = 5, 9, 12, 4, 0.1
+    torch.manual_seed(1)
+    a, g = torch.randn(M, P, n_A), torch.randn(M, P, n_G)
+    curv = BatchMatrices((n_G, n_A), torch.float64, CPU, reading="algorithm2")
+    curv.update(natgrad.LayerStats(a, g), 0.0)
+    inv = WoodburyInverse(torch.float64, CPU)
+    inv.refresh(curv, damping)
+    A_inv = algorithm2_inverse(a.reshape(-1, n_A), a.sum(1), M, damping)  # m = 5 < 12
+    G_inv = algorithm2_inverse(g.reshape(-1, n_G), g.sum(1), M, damping)  # m = 5 >= 4
+    V = torch.randn(n_G, n_A)
+    torch.testing.assert_close(inv.apply(V, damping), G_inv @ V @ A_inv, rtol=1e-9, atol=1e-11)
+    # the kfc reading of the same batch: |T| and |T|² smaller factors, never exact
+    kfc = BatchMatrices((n_G, n_A), torch.float64, CPU, reading="kfc")
+    kfc.update(natgrad.LayerStats(a, g), 0.0)
+    A_kfc, G_kfc = kfc.factors()
+    A_alg, _ = curv.factors()
+    torch.testing.assert_close(A_alg, P * A_kfc)
+    torch.testing.assert_close(G_kfc, g.sum(1).T @ g.sum(1) / (M * P * P))
+    assert kfc.X_A is None and kfc.X_G is None
+
+
+def test_linear_layers_read_algorithm1_in_both_readings():
+    torch.manual_seed(2)
+    a, g = torch.randn(7, 1, 5), torch.randn(7, 1, 9)
+    made = {}
+    for reading in ("kfc", "algorithm2"):
+        curv = BatchMatrices((9, 5), torch.float64, CPU, reading=reading)
+        curv.update(natgrad.LayerStats(a, g), 0.0)
+        assert curv.X_A is None and curv.X_G is None  # rows, even with m = 7 >= 5
+        made[reading] = curv.factors()
+    for x, y in zip(made["kfc"], made["algorithm2"]):
+        torch.testing.assert_close(x, y)
+    with pytest.raises(ValueError, match="reading must be one of.*got 'mindspore'"):
+        BatchMatrices((9, 5), torch.float64, CPU, reading="mindspore")
+
+
+def test_exact_branch_state_round_trip_and_a_short_batch_keeps_the_branch():
+    M, P, n_A, n_G = 6, 4, 10, 3
+    torch.manual_seed(4)
+    curv = BatchMatrices((n_G, n_A), torch.float64, CPU, reading="algorithm2")
+    curv.update(natgrad.LayerStats(torch.randn(M, P, n_A), torch.randn(M, P, n_G)), 0.0)
+    assert curv.X_G is not None and curv.Y_A is not None and curv.Y_G is None
+    curv.update(natgrad.LayerStats(torch.randn(2, P, n_A), torch.randn(2, P, n_G)), 0.5)
+    assert curv.X_G is not None and curv.Y_G is None  # m = 2 < 3, still exact
+    other = BatchMatrices((n_G, n_A), torch.float64, CPU, reading="algorithm2")
+    other.load_state_dict(curv.state_dict())
+    for x, y in zip(other.factors(), curv.factors()):
+        torch.testing.assert_close(x, y)
 
 
 def test_woodbury_is_not_ready_with_only_the_damping():
@@ -285,12 +412,13 @@ def test_registry_defaults_and_training():
     pre = natgrad.METHODS["skfac"](model)
     c = pre.config
     assert isinstance(pre, natgrad.SKFAC)
-    assert (c.damping, c.T_cov, c.T_inv, c.reduction, c.spatial_samples) == (
+    assert (c.damping, c.T_cov, c.T_inv, c.reduction, c.spatial_samples, c.reading) == (
         1e-3,
         20,
         200,
         "reduce_sum",
         1,
+        "algorithm2",
     )
 
     data = digit_batches(12)
@@ -331,7 +459,7 @@ def test_bad_arguments_name_the_argument():
 
 
 def test_factored_inverse_is_not_what_skfac_applies():
-    """SKFAC's damping is λ on each factor, not K-FAC's factored split (MATH.md)."""
+    """SKFAC's damping is λ on each factor, not K-FAC's factored split (docs/math.md §7)."""
     torch.manual_seed(0)
     Y_A, Y_G = torch.randn(3, 6), torch.randn(3, 4)
     curv = curvature_from(Y_A, Y_G)

@@ -195,7 +195,7 @@ def test_tekfac_theta_is_the_per_sample_second_moment_in_tkfac_eigenbasis():
 
 
 def test_tekfac_keeps_separate_decays_for_theta_and_the_factors():
-    """``004_…`` eq. 3.3: ``Θ`` averages with ``β₁`` (``rescale_decay``), ``δ``, ``Φ``,
+    """Gao et al. 2020, eq. 3.3: ``Θ`` averages with ``β₁`` (``rescale_decay``), ``δ``, ``Φ``,
     ``Ψ`` with ``β₂`` (``decay``)."""
     model = tiny_mlp()
     x, y = data(model)
@@ -242,9 +242,36 @@ def test_tekfac_update_with_trace_damping_equals_dense_solve():
         torch.testing.assert_close(deltas[name], ref, rtol=1e-9, atol=1e-12)
 
 
+def test_tekfac_steps_with_the_trace_of_the_rescaling_observed_in_the_same_step():
+    """Gao et al. 2020 eq. 3.5 with ``tr Θ_l`` of the re-scaling in force when the step is
+    taken: at step 0 (not TKFAC's ``δ`` from before the first observation) and at every
+    later step (not the previous step's ``Θ``). The ``.grad`` written each step is the
+    dense solve with the damping from that step's own ``Θ``."""
+    model = tiny_cnn()
+    damping, floor = 3e-3, 1e-4
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pre = natgrad.TEKFAC(model, opt, kl_clip=None, damping=damping, trace_floor=floor,
+                         T_cov=1, T_s=1, T_inv=100)
+    for step in range(3):
+        x, y = data(model, seed=10 + step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = pre.grad_matrices()
+        pre.step()
+        written = pre.grad_matrices()
+        conv = pre.layers["0"].inverse
+        lam_conv = max(conv.S.sum().item(), floor) / conv.S.numel()
+        for name, scale, lam in (("0", 1.0, lam_conv), ("3", lam_conv, damping)):
+            block = scale * tekfac_block(pre.layers[name].inverse)
+            block += lam * torch.eye(block.shape[0])
+            ref = unvec(torch.linalg.solve(block, vec(grads[name])), grads[name].shape)
+            torch.testing.assert_close(written[name], ref, rtol=1e-9, atol=1e-12)
+        opt.step()
+
+
 @pytest.mark.parametrize("model_fn", [tiny_mlp, tiny_cnn])
 def test_eigen_corrections_are_closer_to_the_exact_fisher(model_fn):
-    """George et al. 2018 §3 and ``004_…`` Theorem 3.1, on one batch with decay 0."""
+    """George et al. 2018 §3 and Gao et al. 2020, Theorem 3.1, on one batch with decay 0."""
     errors = {}
     base = model_fn()
     x, y = data(base, m=16)

@@ -38,7 +38,7 @@ each situation a training loop meets:
   ``torch.save(preconditioner)`` pickle (a loaded model alone has inert hooks; a loaded
   preconditioner records on its own loaded model).
 
-Scaling convention (MATH.md, Notation): with a loss that is the *mean* over the batch,
+Scaling convention (docs/math.md §1): with a loss that is the *mean* over the batch,
 the gradient reaching the output is ``g_i / M``; rows are multiplied by ``M`` to give the
 per-sample ``g_i``. With ``loss_reduction="sum"``, and for gradients recorded under
 :meth:`~LayerCapture.per_sample_grads` (a summed loss such as the sampled Fisher's), they
@@ -64,7 +64,7 @@ __all__ = ["LayerStats", "LayerCapture"]
 
 @dataclass(frozen=True)
 class LayerStats:
-    """One layer's batch rows (MATH.md, Notation).
+    """One layer's batch rows (docs/math.md §1).
 
     Attributes:
         a: input rows ``ā``, shape ``(M, P, d_in')``.

@@ -24,13 +24,13 @@ def _add_common(p: argparse.ArgumentParser, *, default_epochs: float) -> None:
     from natgrad.experiments.presets import PRESETS
 
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="fashion-mnist", choices=list(DATASETS),
-                   help="dataset (default: %(default)s)")
+    g.add_argument("--dataset", default=None, choices=list(DATASETS),
+                   help="dataset (default: fashion-mnist, or the preset's)")
     g.add_argument("--data-dir", default=None,
                    help="folder holding the dataset files (CIFAR/SVHN default: ./data; "
                    "Fashion-MNIST falls back to /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--model", default="cnn", choices=list(MODELS),
-                   help="model (default: %(default)s)")
+    g.add_argument("--model", default=None, choices=list(MODELS),
+                   help="model (default: cnn, or the preset's)")
     g.add_argument("--no-augment", action="store_true",
                    help="switch off the dataset's training augmentation")
     g = p.add_argument_group("methods")
@@ -51,8 +51,8 @@ def _add_common(p: argparse.ArgumentParser, *, default_epochs: float) -> None:
                    help="any method hyperparameter (config field or peer keyword)")
     g = p.add_argument_group("budget and schedule")
     g.add_argument("--epochs", type=float, default=None,
-                   help=f"epochs per run (fractions allowed; default {default_epochs:g} "
-                   "unless --minutes is given)")
+                   help=f"epochs per run (fractions allowed; default {default_epochs:g}, or "
+                   "the preset's paper budget for bench, unless --minutes is given)")
     g.add_argument("--minutes", type=float, default=None,
                    help="training-clock minutes per run (with --epochs: whichever ends first)")
     g.add_argument("--batch-size", type=int, default=None,
@@ -175,16 +175,17 @@ def _targets(text: str | None) -> list[float] | None:
     return out
 
 
-def _plan(args: argparse.Namespace, default_epochs: float):
+def _plan(args: argparse.Namespace, default_epochs: float, preset_budget: bool = True):
     """The validated :class:`~natgrad.experiments.bench.BenchPlan` of the command line
-    (:func:`~natgrad.experiments.plan.build_plan` on its typed options)."""
+    (:func:`~natgrad.experiments.plan.build_plan` on its typed options); a preset supplies
+    the defaults of --dataset, --model and (with ``preset_budget``) --epochs."""
     from natgrad.experiments.plan import PlanOptions, build_plan
 
     methods = None if args.methods is None else args.methods.split(",")
     options = PlanOptions.from_namespace(
         args, methods=methods, targets=_targets(getattr(args, "targets", None)),
         augment=False if args.no_augment else None)
-    return build_plan(options, default_epochs)
+    return build_plan(options, default_epochs, preset_budget=preset_budget)
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -194,10 +195,14 @@ def _progress(args: argparse.Namespace) -> bool | None:
 def _print_plan(plan, extra: str = "") -> None:
     import json
 
+    from natgrad.experiments.presets import get_preset
+
     shown = {k: v for k, v in plan.as_dict().items() if k != "machine"}
     shown["hyperparameters"] = {m.name: m.resolved(plan.hyperparameters[m.name])
                                 for m in plan.methods}
-    print(json.dumps(shown, indent=2))
+    if plan.preset:
+        shown["paper"] = get_preset(plan.preset).describe()
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
     if extra:
         print(extra)
 
@@ -266,7 +271,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from natgrad.experiments.presets import get_preset
     from natgrad.experiments.tune import build_grids, check_settings_out, run_tune
 
-    plan = _plan(args, default_epochs=2)
+    plan = _plan(args, default_epochs=2, preset_budget=False)
     plan.evals_per_epoch = 1
     grids = build_grids(plan, get_preset(args.preset).grid if args.preset else {},
                         lrs=_floats("--lrs", args.lrs),

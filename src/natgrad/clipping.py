@@ -1,4 +1,4 @@
-"""KL clipping (MATH.md, K-FAC): ``ν = min(1, sqrt(κ / Σ_l η_l² ⟨Δ_l, ∇W̄_l⟩))``.
+"""KL clipping (docs/math.md §2): ``ν = min(1, sqrt(κ / Σ_l η_l² ⟨Δ_l, ∇W̄_l⟩))``.
 
 Each layer's learning rate ``η_l`` is read from the optimizer — the weight's and the
 bias's, which may sit in groups of their own; ``.grad ← ν Δ``. When

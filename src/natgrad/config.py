@@ -36,7 +36,7 @@ def check_decay(name: str, value: float) -> None:
 
 @dataclass(kw_only=True)
 class PreconditionerConfig:
-    """Hyperparameters every method shares (MATH.md, K-FAC).
+    """Hyperparameters every method shares (docs/math.md §1–§2).
 
     Attributes:
         damping: Tikhonov damping ``λ`` (> 0).

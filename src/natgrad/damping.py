@@ -3,13 +3,14 @@
 A preconditioner holds one :class:`DampingPolicy`, built by its method's
 :meth:`~natgrad.Preconditioner.make_damping`: :class:`ConstantDamping` (``config.damping``
 on every layer; the default) or :class:`TraceDamping`, TKFAC's and TEKFAC's trace-based
-adaptive damping for CNNs (``004_…`` eqs. 3.4–3.5, after Gao et al. 2020 §5):
+adaptive damping for CNNs (docs/math.md §6; Gao et al. 2020, eqs. 3.4–3.5, after Gao et
+al. 2021, §5):
 
 * Fully connected networks (no preconditioned ``Conv2d``): a constant ``λ`` (``damping``).
 * Convolutional layers of a CNN: ``λ_l = max{tr F̂_l, ϑ} / dim F̂_l``, the block's mean
   eigenvalue with the trace floor ``ϑ`` (``trace_floor``); ``dim F̂_l = d_out·d_in'``.
   ``tr F̂_l`` is ``tr Θ_l`` for TEKFAC and ``tr(δ Φ⊗Ψ) = δ`` for TKFAC (TKFAC's own §5
-  formula was not recoverable; MATH.md fixes this choice).
+  formula was not recoverable; docs/math.md §9.4 fixes this choice).
 * Fully connected layers of a CNN: their block is scaled by
   ``β = max over conv layers of max{tr F̂_l, ϑ} / dim F̂_l`` "to keep pace with the
   convolution layers", with the constant ``λ``: ``Δ = (β F̂_l + λI)⁻¹ ∇W̄``. Since
@@ -58,7 +59,7 @@ class TraceDampingConfig(PreconditionerConfig):
 
     Attributes:
         trace_floor: ``ϑ`` (> 0), the floor of ``tr F̂_l`` in the conv damping
-            (``004_…``: best 0.01 over {1e-4 … 100} on ResNet-20/CIFAR-100).
+            (Gao et al. 2020: best 0.01 over {1e-4 … 100} on ResNet-20/CIFAR-100).
         adaptive_damping: use the trace-based rule in CNNs (``False``: the constant
             ``damping`` on every layer, as in fully connected networks).
     """
@@ -120,6 +121,18 @@ class DampingPolicy(ABC):
     ) -> LayerDamping:
         """Those of the last step (those inside the inverses); :meth:`resolve` if none yet."""
         return self.resolve(config, blocks, refresh)
+
+    def settle(
+        self,
+        config: PreconditionerConfig,
+        blocks: Mapping[str, LayerBlock],
+        refresh: bool,
+        resolved: LayerDamping,
+    ) -> LayerDamping:
+        """The damping this step preconditions with, asked once the step's statistics are
+        all in (curvature update, refresh, re-scaling observation); ``resolved`` is what
+        :meth:`resolve` gave before them (and the refresh used). Default: ``resolved``."""
+        return resolved
 
     def configure(self, old: PreconditionerConfig, new: PreconditionerConfig) -> bool:
         """Told of a hyperparameter change; ``True`` when every inverse must be recomputed
@@ -190,6 +203,15 @@ class TraceDamping(DampingPolicy):
         baked = any(block.inverse.damping_in_refresh for block in blocks.values())
         if self._in_force is None or not baked or refresh:
             self._in_force = self.rule(config, blocks)
+        return dict(self._in_force[0]), dict(self._in_force[1])
+
+    def settle(self, config, blocks, refresh, resolved) -> LayerDamping:
+        """Recomputed from this step's statistics when no inverse bakes the damping in
+        (TEKFAC: ``tr Θ`` of the re-scaling just observed, so step 0 already uses it and no
+        step lags one observation; docs/math.md §6); else the refresh's own."""
+        if any(block.inverse.damping_in_refresh for block in blocks.values()):
+            return resolved
+        self._in_force = self.rule(config, blocks)
         return dict(self._in_force[0]), dict(self._in_force[1])
 
     def in_force(self, config, blocks, refresh) -> LayerDamping:

@@ -1,7 +1,7 @@
 """What a layer *gives*: its input rows and output-gradient rows, in one format.
 
 Every method in natgrad is written once against the reshaped format
-``[batch M, positions P, features]`` (MATH.md, Notation):
+``[batch M, positions P, features]`` (docs/math.md §1):
 
 * ``a`` rows, shape ``(M, P, d_in')``: the homogeneous input ``ā = [a; 1]`` when the
   layer has a bias (``d_in' = d_in + 1``), else ``a``. For ``Conv2d`` a row is one

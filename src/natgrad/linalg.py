@@ -1,4 +1,4 @@
-"""Pure tensor functions: the math of MATH.md, with no state.
+"""Pure tensor functions: the math of docs/math.md, with no state.
 
 These are what the dense-reference tests target. Shapes: ``A`` is ``(d_in', d_in')``,
 ``G`` is ``(d_out, d_out)``, a gradient matrix ``V`` is ``(d_out, d_in')``.
@@ -95,7 +95,7 @@ def gram(
 def input_factor(a: Tensor) -> Tensor:
     """``A = (1/M) Σ_i Σ_t ā_{i,t} ā_{i,t}ᵀ`` from rows ``a`` of shape ``(M, P, d_in')``.
 
-    MATH.md, K-FAC: the sum over positions ``t`` is *not* normalised (KFC's convention).
+    docs/math.md §1: the sum over positions ``t`` is *not* normalised (KFC's convention).
     """
     return gram(a.reshape(-1, a.shape[-1])).div_(a.shape[0])
 
@@ -114,7 +114,7 @@ def running_average(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
 
 
 def factored_damping_pi(A: Tensor, G: Tensor) -> float:
-    """``π = sqrt((tr A / dim A) / (tr G / dim G))`` (``000_…`` eq. 4).
+    """``π = sqrt((tr A / dim A) / (tr G / dim G))`` (docs/math.md §2; Liu, Gao & Wang 2021, eq. 4).
 
     Falls back to ``π = 1`` when either mean eigenvalue is not positive (e.g. a layer whose
     inputs were all zero), so that damping stays finite.
@@ -160,7 +160,7 @@ def symmetric_eigh(X: Tensor) -> tuple[Tensor, Tensor]:
 
 def kronecker_eigenbases(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(α, Q_A, γ, Q_G)`` with ``A = Q_A diag(α) Q_Aᵀ`` and ``G = Q_G diag(γ) Q_Gᵀ``: the
-    eigenbasis of ``A ⊗ G`` (MATH.md, K-FAC eigen form; EKFAC), by :func:`symmetric_eigh`.
+    eigenbasis of ``A ⊗ G`` (docs/math.md §2 eigen form; §3), by :func:`symmetric_eigh`.
 
     Raises:
         DecompositionError: either decomposition failed.

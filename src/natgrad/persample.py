@@ -1,4 +1,4 @@
-"""Second moments of per-sample gradients in a Kronecker basis (MATH.md, EKFAC).
+"""Second moments of per-sample gradients in a Kronecker basis (docs/math.md §3).
 
 EKFAC's and TEKFAC's re-scaling is the diagonal of the Fisher block in the basis
 ``Q_A ⊗ Q_G`` (or ``Q_Φ ⊗ Q_Ψ``)::
@@ -26,8 +26,8 @@ CHUNK_ELEMENTS = 1 << 24
 def per_sample_grads(a: Tensor, g: Tensor) -> Tensor:
     """``∇W̄_i = Σ_t g_{i,t} ā_{i,t}ᵀ`` for every sample: ``(M, d_out, d_in')``.
 
-    ``a`` is ``(M, P, d_in')``, ``g`` ``(M, P, d_out)`` (per-sample ``g_i``, MATH.md
-    Notation), so ``∇W̄_i`` is the gradient of sample ``i``'s own loss ``ℓ_i``.
+    ``a`` is ``(M, P, d_in')``, ``g`` ``(M, P, d_out)`` (per-sample ``g_i``,
+    docs/math.md §1), so ``∇W̄_i`` is the gradient of sample ``i``'s own loss ``ℓ_i``.
     """
     return torch.bmm(g.transpose(1, 2), a)
 
@@ -35,7 +35,7 @@ def per_sample_grads(a: Tensor, g: Tensor) -> Tensor:
 def basis_second_moment(
     a: Tensor, g: Tensor, Q_A: Tensor, Q_G: Tensor, *, chunk_elements: int = CHUNK_ELEMENTS
 ) -> Tensor:
-    """``(1/M) Σ_i (Q_Gᵀ ∇W̄_i Q_A)^{⊙2}``, shape ``(d_out, d_in')`` (MATH.md, EKFAC).
+    """``(1/M) Σ_i (Q_Gᵀ ∇W̄_i Q_A)^{⊙2}``, shape ``(d_out, d_in')`` (docs/math.md §3).
 
     Args:
         a: input rows ``(M, P, d_in')``.

@@ -214,6 +214,7 @@ class Preconditioner(ABC):
         if refresh:
             self._sharing.refresh(self.layers, damping[0])
         observe_all(self, stats, step)
+        damping = self.damping_policy.settle(config, self.layers, refresh, damping)
         deltas = self._sharing.precondition(self.layers, grads, *damping)
         if config.kl_clip is not None:
             lrs = learning_rates(self.optimizer, {n: b.module for n, b in self.layers.items()})
@@ -274,7 +275,7 @@ class Preconditioner(ABC):
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Current running factors ``(A, G)`` of every layer that has seen a batch,
-        by qualified name, as dense tensors in MATH.md's convention."""
+        by qualified name, as dense tensors in docs/math.md §1's convention."""
         curvatures = {name: block.curvature for name, block in self.layers.items()}
         return {name: c.factors() for name, c in curvatures.items() if c.initialized}
 

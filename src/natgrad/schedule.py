@@ -1,4 +1,4 @@
-"""Which steps update the curvature, refresh the inverses, and observe (MATH.md, K-FAC).
+"""Which steps update the curvature, refresh the inverses, and observe (docs/math.md §1).
 
 Schedules count from step 0: step ``t`` updates the curvature when ``t % T_cov == 0``,
 refreshes when ``t % T_inv == 0`` (or after a change that makes every inverse stale), and

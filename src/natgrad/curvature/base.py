@@ -51,13 +51,20 @@ class Curvature(Stateful, ABC):
     @abstractmethod
     def factors(self) -> tuple[Tensor, Tensor]:
         """The current factors ``(A, G)`` as dense tensors, ``(d_in', d_in')`` and
-        ``(d_out, d_out)``, in MATH.md's convention (the block is ``≈ A ⊗ G``)."""
+        ``(d_out, d_out)``, in docs/math.md §1's convention (the block is ``≈ A ⊗ G``)."""
 
-    def batch_rows(self) -> tuple[Tensor, Tensor] | None:
+    def batch_rows(self) -> tuple[Tensor | None, Tensor | None] | None:
         """``(Y_A, Y_G)`` ``(m, d_in')``, ``(m, d_out)`` when the estimate is kept as batch
         matrices with ``A = Y_AᵀY_A/m``, ``G = Y_GᵀY_G/m`` (what a Woodbury inverse needs);
-        ``None`` (default) for estimates kept as dense factors."""
+        ``None`` (default) for estimates kept as dense factors. A side that such an estimate
+        holds as a dense factor instead is ``None`` in the pair (:meth:`dense_factors`)."""
         return None
+
+    def dense_factors(self) -> tuple[Tensor | None, Tensor | None]:
+        """For a batch-matrix estimate, the sides held as dense ``n × n`` factors rather
+        than rows (SKFAC's Algorithm 2 exact branch, docs/math.md §7); ``(None, None)``
+        (default) when every side is rows."""
+        return None, None
 
     # ------------------------------------------------------------------ data parallelism
     def averaged_keys(self) -> tuple[str, ...]:

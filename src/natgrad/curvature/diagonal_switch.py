@@ -1,5 +1,5 @@
 """Sherman–Morrison K-FAC's curvature: K-FAC's full running factors until the switch, then
-only their diagonals (MATH.md, Sherman–Morrison K-FAC; ``000_…`` §2, Table 1).
+only their diagonals (docs/math.md §8; Liu, Gao & Wang 2021, §2, Table 1).
 
 After the switch the per-batch cost falls from ``O(M·n²)`` (a Gram matrix) to ``O(M·n)``:
 ``diag A_batch = (1/M) Σ_i Σ_t ā_{i,t}^{⊙2}``, ``diag G_batch = (1/(M|T|)) Σ_i Σ_t g_{i,t}^{⊙2}``,

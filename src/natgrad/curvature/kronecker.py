@@ -1,4 +1,4 @@
-"""K-FAC's Kronecker factors ``A`` and ``G`` as running averages (MATH.md, K-FAC)."""
+"""K-FAC's Kronecker factors ``A`` and ``G`` as running averages (docs/math.md §1–§2)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""TKFAC's trace-restricted factors ``F_l ≈ δ·Φ ⊗ Ψ`` (MATH.md, TKFAC and TEKFAC).
+"""TKFAC's trace-restricted factors ``F_l ≈ δ·Φ ⊗ Ψ`` (docs/math.md §4).
 
-Gao et al., AAAI 2021 (arXiv 2011.10741), eqs. 2.8–2.9 of ``004_…``: per sample
+Gao et al. 2021 (TKFAC, AAAI; arXiv 2011.10741), as eqs. 2.8–2.9 of Gao et al. 2020: per sample
 ``Λ_i = Σ_t ā_{i,t} ā_{i,t}ᵀ`` and ``Γ_i = (1/|T|) Σ_t g_{i,t} g_{i,t}ᵀ`` (KFC's per-position
 sums, so that ``E[Λ] = A`` and ``E[Γ] = G`` of K-FAC; for Linear ``|T| = 1``), and
 

@@ -1,5 +1,5 @@
 """The papers' CIFAR augmentation on batches of tensors: random crop after zero padding,
-then a random horizontal flip (He et al. 2016, used by `000_…` and `004_…`)."""
+then a random horizontal flip (He et al. 2016, used by Liu, Gao & Wang 2021 and Gao et al. 2020)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "build_model", "mlp", "fmnist_cnn", "resnet", "vgg", "count_parameters"]
+__all__ = [
+    "MODELS",
+    "ImageNetResNet",
+    "build_model",
+    "mlp",
+    "fmnist_cnn",
+    "resnet",
+    "imagenet_resnet",
+    "vgg",
+    "count_parameters",
+]
 
 
 def mlp(in_features: int, num_classes: int, hidden: tuple[int, ...] = (128, 128)) -> nn.Sequential:
@@ -111,6 +121,116 @@ def resnet(depth: int, in_channels: int = 3, num_classes: int = 10, image_size: 
     return ResNet(depth, in_channels, num_classes)
 
 
+# ---------------------------------------------------------------------- ImageNet ResNets
+class _ImageNetBasicBlock(nn.Module):
+    """Two 3×3 conv–BN layers (stride on the first); expansion 1."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _projection(in_planes, planes, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class _Bottleneck(nn.Module):
+    """1×1 reduce, 3×3 (carrying the stride, as most ImageNet codebases do; the parameter
+    count is the same either way), 1×1 expand to ``4·planes``, each followed by BN."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.shortcut = _projection(in_planes, out_planes, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def _projection(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    """Identity when the shape is kept, else a strided 1×1 conv + BN (He et al. 2016,
+    option B)."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Identity()
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_planes),
+    )
+
+
+#: depth → (block, blocks per stage) of He et al. 2016, Table 1.
+_IMAGENET_RESNETS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    34: (_ImageNetBasicBlock, (3, 4, 6, 3)),
+    50: (_Bottleneck, (3, 4, 6, 3)),
+}
+
+
+class ImageNetResNet(nn.Module):
+    """ImageNet ResNet (He et al. 2016, Table 1): 7×7 stride-2 conv to 64 channels, BN,
+    ReLU, 3×3 stride-2 max-pool; four stages at 64/128/256/512 planes (stride 2 entering
+    stages 2–4; basic blocks for ResNet-34, bottlenecks ×4 for ResNet-50) with projection
+    shortcuts where the shape changes; global average pooling; one linear classifier.
+    For 1000 classes: 21,797,672 (ResNet-34) and 25,557,032 (ResNet-50) parameters."""
+
+    def __init__(self, depth: int, in_channels: int = 3, num_classes: int = 1000) -> None:
+        super().__init__()
+        if depth not in _IMAGENET_RESNETS:
+            raise ValueError(
+                f"depth must be one of {sorted(_IMAGENET_RESNETS)} for an ImageNet ResNet, "
+                f"got {depth}"
+            )
+        block, counts = _IMAGENET_RESNETS[depth]
+        self.conv = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn = nn.BatchNorm2d(64)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        stages: list[nn.Module] = []
+        in_planes = 64
+        for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), counts)):
+            blocks: list[nn.Module] = []
+            for i in range(count):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(block(in_planes, planes, stride))
+                in_planes = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(F.relu(self.bn(self.conv(x))))
+        x = self.stages(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def imagenet_resnet(
+    depth: int, in_channels: int = 3, num_classes: int = 1000, image_size: int = 224
+) -> ImageNetResNet:
+    """ImageNet-style ResNet-34 or -50; any image size works (global average pooling;
+    inputs below 32×32 reach the last stage at 1×1)."""
+    del image_size
+    return ImageNetResNet(depth, in_channels, num_classes)
+
+
 # ---------------------------------------------------------------------- VGG with BN
 _VGG_CONFIGS: dict[int, tuple[int | str, ...]] = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -156,6 +276,8 @@ MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "resnet20": lambda c, k, s: resnet(20, c, k, s),
     "resnet32": lambda c, k, s: resnet(32, c, k, s),
     "resnet56": lambda c, k, s: resnet(56, c, k, s),
+    "resnet34": lambda c, k, s: imagenet_resnet(34, c, k, s),
+    "resnet50": lambda c, k, s: imagenet_resnet(50, c, k, s),
     "vgg11": lambda c, k, s: vgg(11, c, k, s),
     "vgg16": lambda c, k, s: vgg(16, c, k, s),
 }

@@ -28,11 +28,12 @@ class PlanOptions:
     ``methods``: specs (``None``: the preset's, or every method); ``lr``,
     ``weight_decay``, ``damping``: ``VALUE`` or ``SPEC=VALUE`` items; ``set``:
     ``[SPEC:]NAME=VALUE`` items; ``targets``: accuracies 0–1 (``None``: the dataset's);
-    ``interleave``: steps per turn (``None``: the default, 0: one method after another).
+    ``interleave``: steps per turn (``None``: the default, 0: one method after another);
+    ``dataset``, ``model`` (``None``: the preset's, else ``fashion-mnist`` and ``cnn``).
     """
 
-    dataset: str = "fashion-mnist"
-    model: str = "cnn"
+    dataset: str | None = None
+    model: str | None = None
     data_dir: str | None = None
     augment: bool | None = None
     methods: list[str] | None = None
@@ -118,16 +119,21 @@ def _hyperparameters(opts: PlanOptions, methods: list[M.MethodSpec], preset: Any
                                    overrides=overrides)
 
 
-def build_plan(opts: PlanOptions, default_epochs: float) -> BenchPlan:
+def build_plan(
+    opts: PlanOptions, default_epochs: float, preset_budget: bool = True
+) -> BenchPlan:
     """Resolve ``opts`` into a :class:`BenchPlan` and validate it
     (:meth:`BenchPlan.validate`); ``default_epochs`` is the budget when neither epochs
-    nor minutes are given.
+    nor minutes are given — or, with ``preset_budget``, the preset's paper budget
+    (``tune`` keeps its short one). A preset also supplies the dataset and model.
 
     Raises:
         ValueError: a bad option or hyperparameter, naming it (and the method).
     """
     opts.check()
     preset = get_preset(opts.preset) if opts.preset else None
+    dataset = opts.dataset or (preset and preset.dataset) or "fashion-mnist"
+    model = opts.model or (preset and preset.model) or "cnn"
     if opts.methods is not None:
         specs = [s for s in opts.methods if s.strip()]
     elif preset is not None:
@@ -144,22 +150,23 @@ def build_plan(opts: PlanOptions, default_epochs: float) -> BenchPlan:
     if opts.lr_schedule:
         schedule = parse_schedule(opts.lr_schedule)
     elif preset is not None:
-        schedule = preset.schedule_for(opts.dataset)
+        schedule = preset.schedule_for(dataset)
     else:
         schedule = LRSchedule()
     epochs, minutes = opts.epochs, opts.minutes
     if epochs is None and minutes is None:
-        epochs = default_epochs
+        paper = preset.epochs_for(dataset) if preset and preset_budget else None
+        epochs = default_epochs if paper is None else paper
     if schedule.needs_epochs() and epochs is None:
         raise ValueError(f"--lr-schedule {schedule} needs --epochs (it anneals to the end)")
     batch = opts.batch_size if opts.batch_size is not None else (
         preset.batch_size if preset else 128)
     interleave = DEFAULT_INTERLEAVE if opts.interleave is None else (opts.interleave or None)
     plan = BenchPlan(
-        dataset=opts.dataset, model=opts.model, methods=methods,
+        dataset=dataset, model=model, methods=methods,
         hyperparameters=hyperparameters, batch_size=batch, epochs=epochs, minutes=minutes,
         seeds=[opts.seed + i for i in range(opts.repeats)],
-        targets=opts.targets or list(DEFAULT_TARGETS.get(opts.dataset, (0.9,))),
+        targets=opts.targets or list(DEFAULT_TARGETS.get(dataset, (0.9,))),
         schedule=schedule, evals_per_epoch=opts.evals_per_epoch, log_every=opts.log_every,
         augment=opts.augment, data_dir=opts.data_dir, device=opts.device,
         preset=opts.preset, notes=notes, interleave=interleave,

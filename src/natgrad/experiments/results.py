@@ -1,6 +1,6 @@
 """Read saved runs and summarise them as the papers' comparison table.
 
-Columns (``000_…`` Table 2 style, plus time to accuracy): final test accuracy and loss,
+Columns (Liu, Gao & Wang 2021, Table 2 style, plus time to accuracy): final test accuracy and loss,
 milliseconds per iteration and its ratio to SGD-momentum's, training wall time, and for
 each ``--targets`` threshold the training time until the first evaluation at or above it
 and its ratio to the best first-order baseline (SGD-momentum, Adam, ... in the same run).

@@ -1,5 +1,5 @@
 """``natgrad tune``: the papers' grid search — learning rate × damping × weight decay, a few
-epochs per point, the best point by training loss (``001_…`` §4.2) — written as a settings
+epochs per point, the best point by training loss (Xu 2021, §4.2) — written as a settings
 JSON that ``natgrad bench --settings`` reads.
 
 Settings file::
@@ -38,7 +38,7 @@ __all__ = ["grid_points", "build_grids", "run_tune", "read_settings", "check_set
 
 #: Default learning-rate grid: each method's default lr times these.
 LR_MULTIPLIERS = (1 / 3, 1.0, 3.0)
-#: Default damping grid (``001_…``'s).
+#: Default damping grid (Xu 2021's).
 DEFAULT_DAMPINGS = (0.03, 0.003, 0.001)
 #: Default weight-decay grid.
 DEFAULT_WEIGHT_DECAYS = (0.0, 5e-4)

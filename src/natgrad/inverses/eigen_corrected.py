@@ -1,9 +1,16 @@
 """Eigenvalue correction: a Kronecker eigenbasis with a re-scaling diagonal fitted to the
-per-sample gradients in that basis (MATH.md, EKFAC; TEKFAC).
+per-sample gradients in that basis (docs/math.md, "EKFAC" and "TEKFAC").
 
-George et al. 2018 (EKFAC, ``001_…``) with the Kronecker basis ``Q_A ⊗ Q_G`` of K-FAC's
-factors; Gao et al. (TEKFAC, ``004_…`` eqs. 3.2–3.3, 3.9) with the basis ``Q_Φ ⊗ Q_Ψ`` of
-TKFAC's factors. Which basis is decided only by the curvature this strategy is given.
+George et al. 2018 (EKFAC) with the Kronecker basis ``Q_A ⊗ Q_G`` of K-FAC's factors; Gao
+et al. 2020 (TEKFAC, eqs. 3.2–3.3, 3.6) with the basis ``Q_Φ ⊗ Q_Ψ`` of TKFAC's factors.
+Which basis is decided only by the curvature this strategy is given.
+
+Two rules for the re-scaling (``scale_rule=``), both restarted in a new basis:
+
+* ``"batch"``: every update *sets* ``S`` to the current mini-batch's estimate — Xu 2021,
+  Algorithm 1, procedure UpdateScale (``s* ← E_D[...]``);
+* ``"running"``: an exponential moving average of the batch estimates, as George et al.
+  2018 and TEKFAC's eq. (3.6) (``β₁``) do.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from ..linalg import all_finite, eigen_precondition, kronecker_eigenbases, runni
 from ..persample import basis_second_moment
 from .base import InverseStrategy
 
-__all__ = ["EigenCorrectedInverse"]
+__all__ = ["EigenCorrectedInverse", "SCALE_RULES"]
+
+#: Re-scaling rules (module docstring).
+SCALE_RULES = ("batch", "running")
 
 
 class EigenCorrectedInverse(InverseStrategy):
@@ -30,13 +40,15 @@ class EigenCorrectedInverse(InverseStrategy):
       own eigenvalues ``γ αᵀ`` (so the strategy is usable at once, as K-FAC's eigen form)
       and the next observed batch *replaces* it.
     * :meth:`observe` (every ``observe_every = T_s`` steps, and right after a refresh):
-      ``S ← ε S + (1−ε) S_batch`` with ``S_batch = (1/M) Σ_i (Q_Gᵀ ∇W̄_i Q_A)^{⊙2}``
-      (:func:`~natgrad.persample.basis_second_moment`); the first batch in a new basis is
-      taken as is.
+      ``S_batch = (1/M) Σ_i (Q_Gᵀ ∇W̄_i Q_A)^{⊙2}``
+      (:func:`~natgrad.persample.basis_second_moment`); ``scale_rule="running"``:
+      ``S ← ε S + (1−ε) S_batch``, the first batch in a new basis taken as is;
+      ``scale_rule="batch"``: ``S ← S_batch``.
     * :meth:`apply`: the formula above, with the damping ``λ`` of the call.
 
     Args:
         observe_every: ``T_s``, steps between re-scaling updates (>= 1).
+        scale_rule: ``"batch"`` or ``"running"`` (module docstring).
 
     Attributes:
         Q_A: ``(d_in', d_in')`` input-side eigenbasis; ``Q_G``: ``(d_out, d_out)``.
@@ -47,10 +59,14 @@ class EigenCorrectedInverse(InverseStrategy):
     _state_keys = ("Q_A", "Q_G", "S", "fresh_basis")
     damping_in_refresh = False
 
-    def __init__(self, *args, observe_every: int = 10, **kwargs) -> None:
+    def __init__(
+        self, *args, observe_every: int = 10, scale_rule: str = "running", **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         check_positive_int("observe_every", observe_every)
+        check_scale_rule(scale_rule)
         self.observe_every = observe_every
+        self.scale_rule = scale_rule
         self.Q_A: Tensor | None = None
         self.Q_G: Tensor | None = None
         self.S: Tensor | None = None
@@ -70,7 +86,8 @@ class EigenCorrectedInverse(InverseStrategy):
         S_batch = basis_second_moment(stats.a, stats.g, self.Q_A, self.Q_G)
         if not all_finite(S_batch):
             raise NonFiniteStatistics("batch statistics contain NaN or Inf")
-        self.S = running_average(None if self.fresh_basis else self.S, S_batch, decay)
+        restart = self.fresh_basis or self.scale_rule == "batch"
+        self.S = running_average(None if restart else self.S, S_batch, decay)
         self.fresh_basis = False
 
     def observed_keys(self) -> tuple[str, ...]:
@@ -94,3 +111,9 @@ class EigenCorrectedInverse(InverseStrategy):
         curvature: the stored basis and re-scaling are used)."""
         K = torch.kron(self.Q_A, self.Q_G)
         return K @ torch.diag(self.S.T.reshape(-1) + damping) @ K.T
+
+
+def check_scale_rule(scale_rule: str) -> None:
+    """Raise ``ValueError`` unless ``scale_rule`` is one of :data:`SCALE_RULES`."""
+    if scale_rule not in SCALE_RULES:
+        raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {scale_rule!r}")

@@ -16,7 +16,8 @@ __all__ = ["FactoredInverse", "trace_pi", "unit_pi"]
 
 
 def trace_pi(A: Tensor, G: Tensor) -> float:
-    """K-FAC's split ``π = sqrt((tr A/dim A)/(tr G/dim G))`` (``000_…`` eq. 4)."""
+    """K-FAC's split ``π = sqrt((tr A/dim A)/(tr G/dim G))`` (docs/math.md §2; Liu, Gao &
+    Wang 2021, eq. 4)."""
     return factored_damping_pi(A, G)
 
 

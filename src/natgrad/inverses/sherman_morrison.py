@@ -1,22 +1,29 @@
-"""Sherman–Morrison K-FAC's inverse: ``k`` ordinary K-FAC damped inverses, then rank-one
-updates (MATH.md, Sherman–Morrison K-FAC; ``000_…`` §2, eqs. 6–8, Algorithm 1).
+"""Sherman–Morrison K-FAC's inverse: ordinary K-FAC damped inverses, then rank-one
+updates (docs/math.md, "Sherman–Morrison K-FAC"; Sherman–Morrison K-FAC paper, §2,
+eqs. 6–8, Algorithm 1).
 
-After the ``k``-th full inverse, each refresh takes ``u = sqrt(diag A)``,
-``v = sqrt(diag G)`` of the current running factors and updates the previous
-approximations in ``O(n²)``:
+After the full inverses, each refresh takes ``u = sqrt(diag A)``, ``v = sqrt(diag G)``
+of the current running factors and applies, in ``O(n²)``,
 
-    A⁻¹ ← (A + α u uᵀ)⁻¹ = A⁻¹ − (A⁻¹u)(A⁻¹u)ᵀ / (1/α + uᵀA⁻¹u)     (eq. 7)
-    G⁻¹ ← (G + β v vᵀ)⁻¹ = G⁻¹ − (G⁻¹v)(G⁻¹v)ᵀ / (1/β + vᵀG⁻¹v)     (eq. 8)
+    (X + α u uᵀ)⁻¹ = X⁻¹ − (X⁻¹u)(X⁻¹u)ᵀ / (1/α + uᵀX⁻¹u)     (eq. 7; eq. 8 for G, β)
 
-where ``A``, ``G`` on the right are the matrices the stored inverses invert: the damped
-factors of the last full update plus every rank-one term added since. The damping is
-inside the first inverses; later refreshes do not use it.
+Two readings of *which* ``X⁻¹`` (``reading=``):
+
+* ``"paper"``: the text keeps the inverse of the last full update and uses *it* for every
+  later update, ``A_t⁻¹ ≈ (A_k + α u_t u_tᵀ)⁻¹``; Algorithm 1's test ``t <= k`` (with
+  ``t`` counting from 0) makes that ``k + 1`` full inverses, ``t = 0 … k``.
+* ``"chained"``: ``k`` full inverses, then each update starts from the previous
+  approximation, so the matrix inverted is ``A_k + α Σ_j u_j u_jᵀ`` — the rank-one terms
+  accumulate.
+
+The damping is inside the full inverses; later refreshes do not use it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,7 +34,10 @@ from ..linalg import DecompositionError, damped_inverse, kron_precondition
 from .base import InverseStrategy
 from .factored import trace_pi
 
-__all__ = ["ShermanMorrisonInverse", "sherman_morrison_update"]
+__all__ = ["ShermanMorrisonInverse", "sherman_morrison_update", "SM_READINGS"]
+
+#: Readings of the rank-one phase (module docstring).
+SM_READINGS = ("paper", "chained")
 
 
 def sherman_morrison_update(X_inv: Tensor, u: Tensor, alpha: float) -> Tensor:
@@ -50,14 +60,16 @@ def sherman_morrison_update(X_inv: Tensor, u: Tensor, alpha: float) -> Tensor:
 
 
 class ShermanMorrisonInverse(InverseStrategy):
-    """``Δ = G⁻¹ ∇W̄ A⁻¹`` with inverses from ``k`` full K-FAC updates, then rank-one
+    """``Δ = G⁻¹ ∇W̄ A⁻¹`` with inverses from full K-FAC updates, then rank-one
     Sherman–Morrison updates.
 
     Args:
-        k: number of full K-FAC inverse updates before the rank-one phase (>= 0). The
-            full updates use factored Tikhonov damping ``A + π·sqrt(λ)I``,
-            ``G + (sqrt(λ)/π)I`` with ``π = pi(A, G)``. With ``k = 0`` the rank-one
-            updates start from the damping alone, ``(π·sqrt(λ))⁻¹I`` and
+        k: the paper's ``k`` (integer >= 0). The full updates use factored Tikhonov damping
+            ``A + π·sqrt(λ)I``, ``G + (sqrt(λ)/π)I`` with ``π = pi(A, G)``.
+        reading: ``"paper"`` (``k + 1`` full inverses; every rank-one update starts from
+            the last of them) or ``"chained"`` (``k`` full inverses; each rank-one update
+            starts from the previous approximation). With ``"chained"`` and ``k = 0`` the
+            rank-one updates start from the damping alone, ``(π·sqrt(λ))⁻¹I`` and
             ``(sqrt(λ)/π)⁻¹I``, ``π`` from the traces of the diagonals.
         alpha, beta: weights ``α``, ``β`` (> 0) of the rank-one terms for ``A`` and ``G``.
         pi: the damping split (K-FAC's :func:`~natgrad.inverses.trace_pi` by default).
@@ -67,10 +79,19 @@ class ShermanMorrisonInverse(InverseStrategy):
 
     Attributes:
         A_inv, G_inv: ``(d_in', d_in')``, ``(d_out, d_out)``, the current approximations.
+        A_base_inv, G_base_inv: under ``"paper"``, the inverses of the last full update
+            (every rank-one update starts from them); ``None`` under ``"chained"``.
         full_updates, rank_one_updates: refreshes done in each phase.
     """
 
-    _state_keys = ("A_inv", "G_inv", "full_updates", "rank_one_updates")
+    _state_keys = (
+        "A_inv",
+        "G_inv",
+        "A_base_inv",
+        "G_base_inv",
+        "full_updates",
+        "rank_one_updates",
+    )
 
     def __init__(
         self,
@@ -78,6 +99,7 @@ class ShermanMorrisonInverse(InverseStrategy):
         k: int = 10,
         alpha: float = 0.1,
         beta: float = 0.1,
+        reading: str = "paper",
         pi: Callable[[Tensor, Tensor], float] = trace_pi,
         **kwargs,
     ) -> None:
@@ -86,9 +108,13 @@ class ShermanMorrisonInverse(InverseStrategy):
             raise ValueError(f"k must be an integer >= 0, got {k!r}")
         check_positive("alpha", alpha)
         check_positive("beta", beta)
+        check_reading(reading)
         self.k, self.alpha, self.beta, self.pi = k, alpha, beta, pi
+        self.reading = reading
         self.A_inv: Tensor | None = None
         self.G_inv: Tensor | None = None
+        self.A_base_inv: Tensor | None = None
+        self.G_base_inv: Tensor | None = None
         self.full_updates = 0
         self.rank_one_updates = 0
 
@@ -97,9 +123,15 @@ class ShermanMorrisonInverse(InverseStrategy):
         return self.A_inv is not None
 
     @property
+    def full_inverses(self) -> int:
+        """Full K-FAC inverse updates before the rank-one phase: ``k + 1`` under
+        ``"paper"`` (Algorithm 1's ``t <= k``), ``k`` under ``"chained"``."""
+        return self.k + 1 if self.reading == "paper" else self.k
+
+    @property
     def in_rank_one_phase(self) -> bool:
-        """Whether the next refresh is a rank-one update (``k`` full updates are done)."""
-        return self.full_updates >= self.k
+        """Whether the next refresh is a rank-one update (the full updates are done)."""
+        return self.full_updates >= self.full_inverses
 
     def refresh(self, curvature: Curvature, damping: float) -> None:
         if not self.in_rank_one_phase:
@@ -107,10 +139,15 @@ class ShermanMorrisonInverse(InverseStrategy):
             pi, root = self.pi(A, G), math.sqrt(damping)
             A_inv, G_inv = damped_inverse(A, pi * root), damped_inverse(G, root / pi)
             self.A_inv, self.G_inv = A_inv, G_inv
+            if self.reading == "paper":
+                self.A_base_inv, self.G_base_inv = A_inv, G_inv
             self.full_updates += 1
             return
         d_A, d_G = curvature.diagonals()
-        A_inv, G_inv = self.A_inv, self.G_inv
+        if self.reading == "paper" and self.A_base_inv is not None:
+            A_inv, G_inv = self.A_base_inv, self.G_base_inv
+        else:
+            A_inv, G_inv = self.A_inv, self.G_inv
         if A_inv is None:
             A_inv, G_inv = self._damping_only(d_A, d_G, damping)
         A_inv = sherman_morrison_update(A_inv, d_A.clamp_min(0).sqrt(), self.alpha)
@@ -140,3 +177,17 @@ class ShermanMorrisonInverse(InverseStrategy):
 
     def apply(self, grad: Tensor, damping: float) -> Tensor:
         return kron_precondition(self.G_inv, grad, self.A_inv)
+
+    def load_state_dict(self, state: dict[str, Any], *, partial: bool = False) -> None:
+        """As :meth:`Stateful.load_state_dict`; a checkpoint written before the base
+        inverses were kept (no ``A_base_inv``) loads with none, so a ``"paper"`` run
+        resumed from it continues from its current inverses."""
+        if not partial:
+            state = {"A_base_inv": None, "G_base_inv": None, **state}
+        super().load_state_dict(state, partial=partial)
+
+
+def check_reading(reading: str) -> None:
+    """Raise ``ValueError`` unless ``reading`` is one of :data:`SM_READINGS`."""
+    if reading not in SM_READINGS:
+        raise ValueError(f"reading must be one of {SM_READINGS}, got {reading!r}")

@@ -1,6 +1,6 @@
 """SKFAC's inverse: each damped factor ``X = λI + YᵀY/m`` applied through Woodbury's
-identity with an ``m × m`` Cholesky when ``m < n`` (MATH.md, SKFAC; ``003_…`` Theorem 1,
-eqs. 15–17, Algorithms 1–2).
+identity with an ``m × m`` Cholesky when ``m < n`` (docs/math.md, "SKFAC"; Tang et al.
+2021, Theorem 1, eqs. 15–17, Algorithms 1–2).
 
 ``X⁻¹ = (1/λ)[I − Yᵀ K⁻¹ Y]`` with ``K = mλI + YYᵀ`` (``m × m``), so for a matrix ``V``
 
@@ -13,7 +13,9 @@ small ``λ``, ``K``'s condition number ``(mλ + σ²_max)/(mλ)`` easily exceeds
 can factor, and at ``m × m`` the cost of double precision is negligible. When ``m ≥ n``
 the Woodbury form saves nothing and ``X⁻¹`` is formed directly (``n × n``, Cholesky), as in
 the paper's Algorithm 1; when ``m < n ≤ 2m`` it is formed from the ``m × m`` Cholesky,
-because applying it is then cheaper (:class:`WoodburyInverse`).
+because applying it is then cheaper (:class:`WoodburyInverse`). A factor the curvature
+holds as a dense matrix (Algorithm 2's exact branch, ``BatchMatrices.X_A``/``X_G``) is
+inverted directly: ``(λI + X)⁻¹``.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def gram_damped_inverse(Y: Tensor, damping: float) -> Tensor:
 class WoodburyInverse(InverseStrategy):
     """``Δ = (λI + G)⁻¹ ∇W̄ (λI + A)⁻¹`` with ``A = Y_AᵀY_A/m``, ``G = Y_GᵀY_G/m`` from a
     :class:`~natgrad.curvature.BatchMatrices` curvature; one damping ``λ`` on both
-    factors (``003_…`` eq. 28), no factored split.
+    factors (Tang et al. 2021, eq. 28), no factored split.
 
     Per factor (``Y`` is ``m × n``), :meth:`refresh` keeps
 
@@ -147,6 +149,15 @@ class WoodburyInverse(InverseStrategy):
             return Y.clone(), L, None
         return None, None, woodbury_explicit(Y, L, damping)
 
+    @classmethod
+    def _side(
+        cls, Y: Tensor | None, X: Tensor | None, damping: float
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """A factor held as rows ``Y`` (:meth:`_factor`) or as the dense matrix ``X``."""
+        if X is not None:
+            return None, None, damped_inverse(X, damping)
+        return cls._factor(Y, damping)
+
     def refresh(self, curvature: Curvature, damping: float) -> None:
         rows = curvature.batch_rows()
         if rows is None:
@@ -155,8 +166,9 @@ class WoodburyInverse(InverseStrategy):
                 f"Curvature.batch_rows gives running Y_A, Y_G), got {type(curvature).__name__}"
             )
         Y_A, Y_G = rows
-        A_side = self._factor(Y_A, damping)
-        G_side = self._factor(Y_G, damping)
+        X_A, X_G = curvature.dense_factors()
+        A_side = self._side(Y_A, X_A, damping)
+        G_side = self._side(Y_G, X_G, damping)
         self.Y_A, self.chol_A, self.inv_A = A_side
         self.Y_G, self.chol_G, self.inv_G = G_side
         self.damping = float(damping)

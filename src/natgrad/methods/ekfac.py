@@ -1,5 +1,6 @@
-"""EKFAC (George et al. 2018; ``001_…``): K-FAC's Kronecker eigenbasis with the
-re-scaling ``S`` fitted to per-sample gradients, damping on ``S`` (MATH.md, EKFAC)."""
+"""EKFAC (George et al. 2018; the update rules of Xu 2021): K-FAC's Kronecker eigenbasis
+with the re-scaling ``S`` fitted to per-sample gradients, damping on ``S``
+(docs/math.md §3)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from ..config import PreconditionerConfig, check_decay, check_positive_int
 from ..curvature import KroneckerFactors
 from ..inverses import EigenCorrectedInverse
+from ..inverses.eigen_corrected import check_scale_rule
 from ..preconditioner import Preconditioner
 
 __all__ = ["EKFAC", "EKFACConfig", "RescalingConfig", "sync_rescaling"]
@@ -20,18 +22,25 @@ class RescalingConfig(PreconditionerConfig):
 
     Attributes:
         T_s: steps between updates of the re-scaling (>= 1).
-        rescale_decay: running-average decay of the re-scaling, in [0, 1) (``004_…``'s
-            ``β₁``, beside ``β₂ = decay`` for the factors); ``None``: the same as ``decay``.
+        rescale_decay: running-average decay of the re-scaling, in [0, 1) (TEKFAC's
+            ``β₁``, Gao et al. 2020 eq. 3.6, beside ``β₂ = decay`` for the factors);
+            ``None``: the same as ``decay``. Used by ``scale_rule="running"`` only.
+        scale_rule: ``"running"`` (an exponential average of the batch estimates,
+            restarted in each new basis) or ``"batch"`` (each update sets the re-scaling to
+            the current mini-batch's estimate, Xu 2021's UpdateScale); docs/math.md §3,
+            §9.3.
     """
 
     T_s: int = 10
     rescale_decay: float | None = None
+    scale_rule: str = "running"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int("T_s", self.T_s)
         if self.rescale_decay is not None:
             check_decay("rescale_decay", self.rescale_decay)
+        check_scale_rule(self.scale_rule)
 
     def observe_decay(self) -> float:
         """``rescale_decay``, or ``decay`` when it is ``None``."""
@@ -40,19 +49,23 @@ class RescalingConfig(PreconditionerConfig):
 
 @dataclass(kw_only=True)
 class EKFACConfig(RescalingConfig):
-    """EKFAC's hyperparameters, defaults from ``001_…``: ``ε = 0.95`` (factors and ``S``),
-    ``T_cov = 10``, ``T_inv = 100`` (eigenbasis), ``T_s = 10`` (re-scaling), KL clip
-    ``1e-2``, damping ``1e-3`` (the paper's grid is {3e-2, 3e-3, 1e-3})."""
+    """EKFAC's hyperparameters, defaults from Xu 2021 (Algorithm 1): ``ε = 0.95`` (the
+    factors), ``T_cov = 10``, ``T_inv = 100`` (eigenbasis), ``T_s = 10`` (re-scaling), KL
+    clip ``1e-2``, ``S`` set to each mini-batch's estimate (``scale_rule="batch"``),
+    damping ``1e-3`` (the thesis's grid is {3e-2, 3e-3, 1e-3})."""
 
     damping: float = 1e-3
     kl_clip: float | None = 1e-2
+    scale_rule: str = "batch"
 
 
 def sync_rescaling(pre: Preconditioner) -> None:
     """Keep each layer's :class:`~natgrad.inverses.EigenCorrectedInverse`
-    ``observe_every`` equal to ``config.T_s`` (EKFAC's and TEKFAC's ``sync_layers``)."""
+    ``observe_every`` and ``scale_rule`` equal to ``config.T_s`` and ``config.scale_rule``
+    (EKFAC's and TEKFAC's ``sync_layers``)."""
     for block in pre.layers.values():
         block.inverse.observe_every = pre.config.T_s
+        block.inverse.scale_rule = pre.config.scale_rule
 
 
 class EKFAC(Preconditioner):
@@ -60,9 +73,10 @@ class EKFAC(Preconditioner):
     ``Δ = Q_G [ (Q_Gᵀ ∇W̄ Q_A) ⊘ (S + λ) ] Q_Aᵀ`` per layer.
 
     ``Q_A``, ``Q_G`` are the eigenbases of K-FAC's running ``A``, ``G`` (every ``T_inv``
-    steps); ``S`` is the running second moment of per-sample gradients in that basis
-    (every ``T_s`` steps, restarted when the basis changes). ``natgrad.EKFAC(model)``
-    uses :class:`EKFACConfig`'s defaults; EKFAC-NAG/-Adam/-RAdam of ``001_…`` are
+    steps); ``S`` is the second moment of per-sample gradients in that basis (every
+    ``T_s`` steps: the mini-batch's estimate, or a running average with
+    ``scale_rule="running"``; restarted when the basis changes). ``natgrad.EKFAC(model)``
+    uses :class:`EKFACConfig`'s defaults; EKFAC-NAG/-Adam/-RAdam of Xu 2021 are
     ``natgrad.build("ekfac+nag" | "ekfac+adam" | "ekfac+radam", model, lr=...)``.
     """
 
@@ -72,7 +86,9 @@ class EKFAC(Preconditioner):
         return KroneckerFactors(shape, dtype, device)
 
     def make_inverse(self, shape, dtype, device) -> EigenCorrectedInverse:
-        return EigenCorrectedInverse(dtype, device, observe_every=self.config.T_s)
+        return EigenCorrectedInverse(
+            dtype, device, observe_every=self.config.T_s, scale_rule=self.config.scale_rule
+        )
 
     def sync_layers(self) -> None:
         sync_rescaling(self)

@@ -1,12 +1,12 @@
-"""TEKFAC (``004_…``): the eigenvalue correction of EKFAC in TKFAC's eigenbasis, with
-TKFAC's trace-based damping (MATH.md, TKFAC and TEKFAC)."""
+"""TEKFAC (Gao et al. 2020): the eigenvalue correction of EKFAC in TKFAC's eigenbasis,
+with TKFAC's trace-based damping (docs/math.md §5, §6)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..curvature import TraceRestrictedFactors
 from ..block import LayerBlock
+from ..curvature import TraceRestrictedFactors
 from ..damping import DampingPolicy, TraceDamping, TraceDampingConfig
 from ..inverses import EigenCorrectedInverse
 from ..preconditioner import Preconditioner
@@ -20,10 +20,11 @@ class TEKFACConfig(TraceDampingConfig, RescalingConfig):
     """TEKFAC's hyperparameters: :class:`~natgrad.damping.TraceDampingConfig`'s and
     :class:`~natgrad.methods.ekfac.RescalingConfig`'s.
 
-    ``trace_floor = 0.01`` (``ϑ``) is ``004_…``'s best value; the schedules and damping
-    follow EKFAC's (``001_…``). ``004_…`` keeps separate decays for ``Θ``
-    (``rescale_decay``, its ``β₁``) and the factors (``decay``, ``β₂``); its values were
-    lost from the text we have, so ``rescale_decay`` defaults to ``decay``.
+    ``trace_floor = 0.01`` (``ϑ``) is Gao et al. 2020's best value; the schedules and
+    damping follow EKFAC's (Xu 2021). Gao et al. keep separate decays for ``Θ``
+    (``rescale_decay``, their ``β₁``, eq. 3.6) and the factors (``decay``, ``β₂``); the
+    values are missing from our copy, so ``rescale_decay`` defaults to ``decay``.
+    ``scale_rule`` is ``"running"``: eq. 3.6 averages ``Θ``.
     """
 
     damping: float = 1e-3
@@ -32,12 +33,13 @@ class TEKFACConfig(TraceDampingConfig, RescalingConfig):
 
 class TEKFAC(Preconditioner):
     """TEKFAC for ``nn.Linear`` and ``nn.Conv2d``:
-    ``Δ = Q_Ψ [ (Q_Ψᵀ ∇W̄ Q_Φ) ⊘ (Θ + λ_l) ] Q_Φᵀ`` (``004_…`` eq. 3.9).
+    ``Δ = Q_Ψ [ (Q_Ψᵀ ∇W̄ Q_Φ) ⊘ (Θ + λ_l) ] Q_Φᵀ`` (Gao et al. 2020, eq. 3.9).
 
     ``Q_Φ``, ``Q_Ψ`` are the eigenbases of TKFAC's running ``Φ``, ``Ψ`` (every ``T_inv``
     steps); ``Θ = E[(Q_Ψᵀ ∇W̄_i Q_Φ)^{⊙2}]`` (every ``T_s`` steps, restarted in a new
     basis, initialised to TKFAC's own eigenvalues ``δ·ψ φᵀ``). Damping:
-    :class:`~natgrad.damping.TraceDamping` with ``tr F̂_l = tr Θ_l``.
+    :class:`~natgrad.damping.TraceDamping` with ``tr F̂_l = tr Θ_l`` of the re-scaling in
+    force when the step is taken (after that step's refresh and observation).
     """
 
     config_class = TEKFACConfig
@@ -46,7 +48,9 @@ class TEKFAC(Preconditioner):
         return TraceRestrictedFactors(shape, dtype, device)
 
     def make_inverse(self, shape, dtype, device) -> EigenCorrectedInverse:
-        return EigenCorrectedInverse(dtype, device, observe_every=self.config.T_s)
+        return EigenCorrectedInverse(
+            dtype, device, observe_every=self.config.T_s, scale_rule=self.config.scale_rule
+        )
 
     def make_damping(self) -> DampingPolicy:
         return TraceDamping(theta_trace)

@@ -1,13 +1,13 @@
 """TKFAC (Gao et al., AAAI 2021, arXiv 2011.10741): trace-restricted factors
 ``F_l ≈ δ·Φ ⊗ Ψ`` with K-FAC's inverse form and trace-based damping for CNNs
-(MATH.md, TKFAC and TEKFAC)."""
+(docs/math.md §4, §6)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..curvature import TraceRestrictedFactors
 from ..block import LayerBlock
+from ..curvature import TraceRestrictedFactors
 from ..damping import DampingPolicy, TraceDamping, TraceDampingConfig
 from ..inverses import FactoredInverse, unit_pi
 from ..preconditioner import Preconditioner
@@ -19,9 +19,9 @@ __all__ = ["TKFAC", "TKFACConfig"]
 class TKFACConfig(TraceDampingConfig):
     """TKFAC's hyperparameters (see :class:`~natgrad.damping.TraceDampingConfig`).
 
-    ``trace_floor = 0.01`` is ``004_…``'s best ``ϑ``; damping ``1e-3``, ``ε = 0.95``,
-    ``T_cov = 10``, ``T_inv = 100`` and KL clip ``1e-2`` follow the K-FAC/EKFAC settings of
-    ``001_…`` (``004_…`` tunes damping over {1e-8 … 3e-1}).
+    ``trace_floor = 0.01`` is Gao et al. 2020's best ``ϑ``; damping ``1e-3``,
+    ``ε = 0.95``, ``T_cov = 10``, ``T_inv = 100`` and KL clip ``1e-2`` follow the
+    K-FAC/EKFAC settings of Xu 2021 (Gao et al. 2020 tune damping over {1e-8 … 3e-1}).
     """
 
     damping: float = 1e-3
@@ -32,7 +32,7 @@ class TKFAC(Preconditioner):
     """TKFAC for ``nn.Linear`` and ``nn.Conv2d``: ``Δ = Ψ̂⁻¹ ∇W̄ Φ̂⁻¹`` with
     ``Φ̂ = sqrt(δ)Φ + sqrt(λ_l)I`` and ``Ψ̂ = sqrt(δ)Ψ + sqrt(λ_l)I``.
 
-    Preconditioner reading: this is the MATH.md form *without* a further ``1/δ``.
+    Preconditioner reading: this is docs/math.md §4's form *without* a further ``1/δ``.
     ``Φ̂ ⊗ Ψ̂ = δ Φ⊗Ψ + sqrt(δλ)(Φ⊗I + I⊗Ψ) + λI`` is the trace-restricted block plus
     K-FAC-style factored damping, so its inverse is the damped natural gradient of the
     block ``δ Φ⊗Ψ``, whose trace equals ``tr F_l``. The third-party reading
