@@ -14,7 +14,7 @@ $(PY):
 # multi-GB CUDA download).
 setup: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,peers]"
 	@if [ ! -f $(FMNIST) ] && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -q && apt-get install -y -q dataset-fashion-mnist) >/dev/null 2>&1 \
 		|| echo "note: could not install dataset-fashion-mnist; Fashion-MNIST runs will say how to get it"; \

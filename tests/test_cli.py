@@ -5,7 +5,6 @@ table is built from (schedules, hyperparameter layering, time to target)."""
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import os
 import subprocess
@@ -82,9 +81,11 @@ def test_report_rebuilds_the_same_table(bench_dir, capsys):
 def test_every_method_sees_the_same_batches(tmp_path, monkeypatch):
     seen: dict[str, list[list[int]]] = {}
     original = train_module._Run.train_step
+    now = {}
 
     def recording(self):
         seen.setdefault(self.cfg.spec, []).append([])
+        now["spec"] = self.cfg.spec
         return original(self)
 
     from natgrad.experiments.data import ImageData
@@ -93,8 +94,7 @@ def test_every_method_sees_the_same_batches(tmp_path, monkeypatch):
 
     def train_batch(self, index, generator=None):
         x, y = batch(self, index, generator)
-        current = list(seen.values())[-1]
-        current[-1] = [*index.tolist(), float(x.sum())]
+        seen[now["spec"]][-1] = [*index.tolist(), float(x.sum())]
         return x, y
 
     monkeypatch.setattr(train_module._Run, "train_step", recording)
@@ -128,12 +128,12 @@ def test_resume_after_interruption_gives_identical_numbers(tmp_path, monkeypatch
     args = [*TINY, "--methods", "kfac", "--epochs", "3", "--evals-per-epoch", "1"]
     assert main(["bench", *args, "--out", str(tmp_path / "straight")]) == 0
     # Interrupt in the middle of epoch 3 (after step 50 of 66), then resume.
-    real = train_module.train_run
-    monkeypatch.setattr(bench_module, "train_run",
-                        functools.partial(real, stop_after_steps=50))
+    real = train_module.train_runs
+    monkeypatch.setattr(bench_module, "train_runs",
+                        lambda *a, **kw: real(*a, **{**kw, "stop_after_steps": 50}))
     assert main(["bench", *args, "--out", str(tmp_path / "resumed")]) == 130
     assert "--resume" in capsys.readouterr().err
-    monkeypatch.setattr(bench_module, "train_run", real)
+    monkeypatch.setattr(bench_module, "train_runs", real)
     assert main(["bench", *args, "--resume", "--out", str(tmp_path / "resumed")]) == 0
 
     def final(name):
@@ -161,8 +161,11 @@ def test_resume_after_interruption_gives_identical_numbers(tmp_path, monkeypatch
 def test_resume_refuses_other_settings(tmp_path, capsys):
     args = [*TINY, "--methods", "sgd", "--epochs", "0.5", "--out", str(tmp_path)]
     assert main(["bench", *args]) == 0
+    before = (tmp_path / "bench.json").read_bytes()
     assert main(["bench", *args, "--resume", "--lr", "0.1"]) == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "holds another experiment (it differs in: hyperparameters)" in (
+        capsys.readouterr().err)
+    assert (tmp_path / "bench.json").read_bytes() == before  # the refusal wrote nothing
 
 
 @pytest.mark.parametrize("argv", [[], ["bench"], ["tune"], ["report"]])

@@ -212,3 +212,127 @@ def test_random_crop_flip_rejects_bad_input():
         random_crop_flip(torch.zeros(3, 8, 8), torch.Generator())
     with pytest.raises(ValueError, match="pad must be"):
         random_crop_flip(torch.zeros(1, 3, 8, 8), torch.Generator(), pad=-1)
+
+
+# ---------------------------------------------------------------------- broken files
+def _cifar10_with(tmp_path, name: str, batch) -> None:
+    """A CIFAR-10 folder whose file ``name`` is replaced by ``batch`` (an object to pickle,
+    or bytes written as they are)."""
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_pickle(folder / n, _cifar_batch(rng, 3, b"labels", 10))
+    target = folder / name
+    if isinstance(batch, bytes):
+        target.write_bytes(batch)
+    elif batch == "folder":
+        target.unlink()
+        target.mkdir()
+    else:
+        _write_pickle(target, batch)
+
+
+def _good(n=3, labels=None, data=None):
+    rng = np.random.default_rng(6)
+    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8) if data is None
+            else data, b"labels": list(range(n)) if labels is None else labels}
+
+
+@pytest.mark.parametrize(
+    "batch, problem",
+    [
+        # More images than labels (before: the labels of later images shifted silently).
+        (_good(data=np.zeros((4, 3072), np.uint8)), "4 images but 3 labels"),
+        (_good(n=3, labels=list(range(2))), "3 images but 2 labels"),
+        # A flat byte string whose length is a multiple of 3072 but not a (N, 3072) table.
+        (_good(data=np.zeros(3 * 3072 + 3072, np.uint8)), r"shape \(12288,\), expected"),
+        (_good(data=np.zeros((3, 3000), np.uint8)), r"shape \(3, 3000\), expected \(N, 3072\)"),
+        # Float pixels in 0–1 (before: cast to uint8, every image black).
+        (_good(data=np.full((3, 3072), 0.5)), "images are float64, expected uint8"),
+        (_good(labels=[0, 10, 1]), "labels must be in 0…9, found 10"),
+        (_good(labels=[0, -1, 1]), "labels must be in 0…9, found -1"),
+        (_good(labels=[99, 1, 2]), "labels must be in 0…9, found 99"),
+        (_good(labels=[0.0, 1.0, 2.0]), "labels are float64, expected integers"),
+        (b"", "not a readable python pickle"),
+        (b"\x80\x02}q\x00(X\x04\x00\x00\x00da", "not a readable python pickle"),
+        (b"<!DOCTYPE html><html><body>Not found</body></html>", "not a readable python pickle"),
+        (b"\x00\x01garbage\xff" * 10, "not a readable python pickle"),
+        ([1, 2, 3], "expected a CIFAR python pickle \\(a dict\\), got a list"),
+        ("folder", "is a folder, expected a CIFAR python pickle file"),
+    ],
+)
+def test_broken_cifar_files_are_one_line_errors_naming_the_file(tmp_path, batch, problem):
+    _cifar10_with(tmp_path, "data_batch_2", batch)
+    with pytest.raises(D.BadDataset, match=problem) as err:
+        D.load("cifar10", tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "cifar-10-batches-py" / "data_batch_2") in message
+    assert "\n" not in message
+
+
+def _svhn(tmp_path, x, y):
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(7)
+    savemat(tmp_path / "train_32x32.mat", {"X": x, "y": y})
+    savemat(tmp_path / "test_32x32.mat",
+            {"X": rng.integers(0, 256, (32, 32, 3, 2), dtype=np.uint8),
+             "y": np.array([[1], [10]], np.uint8)})
+
+
+@pytest.mark.parametrize(
+    "n_images, labels, problem",
+    [
+        (3, [[1], [15], [2]], "labels must be in 1…10, found 15"),  # before: became 5
+        (3, [[1], [0], [2]], "labels must be in 1…10, found 0"),
+        (300, [[1]] * 200, "300 images but 200 labels"),
+    ],
+)
+def test_broken_svhn_files(tmp_path, n_images, labels, problem):
+    x = np.zeros((32, 32, 3, n_images), np.uint8)
+    _svhn(tmp_path, x, np.array(labels, np.uint8))
+    with pytest.raises(D.BadDataset, match=problem) as err:
+        D.load("svhn", tmp_path)
+    assert str(tmp_path / "train_32x32.mat") in str(err.value)
+
+
+def test_truncated_and_odd_svhn_files(tmp_path):
+    _svhn(tmp_path, np.zeros((32, 32, 3, 4), np.uint8), np.ones((4, 1), np.uint8))
+    whole = (tmp_path / "train_32x32.mat").read_bytes()
+    (tmp_path / "train_32x32.mat").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(D.BadDataset, match="train_32x32.mat: not a readable MATLAB .mat file"):
+        D.load("svhn", tmp_path)
+    _svhn(tmp_path, np.zeros((32, 32, 3, 4), np.float32), np.ones((4, 1), np.uint8))
+    with pytest.raises(D.BadDataset, match="images are float32, expected uint8"):
+        D.load("svhn", tmp_path)
+
+
+def test_broken_fashion_mnist_files(tmp_path):
+    rng = np.random.default_rng(8)
+    for split, n in (("train", 6), ("t10k", 2)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    _write_idx(labels, np.array([0, 1, 2, 3, 4, 12]))
+    with pytest.raises(D.BadDataset, match="labels must be in 0…9, found 12"):
+        D.load("fashion-mnist", tmp_path)
+    _write_idx(labels, np.array([0, 1, 2, 3, 4]))
+    with pytest.raises(D.BadDataset, match="6 images but 5 labels"):
+        D.load("fashion-mnist", tmp_path)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(images, "rb") as f:
+        raw = f.read()
+    with gzip.open(images, "wb") as f:
+        f.write(raw[:-100])  # a truncated download
+    with pytest.raises(D.BadDataset, match="header .* needs .* \\(truncated or padded\\)"):
+        D.load("fashion-mnist", tmp_path)
+    images.write_bytes(gzip.compress(raw)[:50])  # a truncated gzip stream
+    with pytest.raises(D.BadDataset, match="train-images-idx3-ubyte.gz: cannot be read"):
+        D.load("fashion-mnist", tmp_path)
+
+
+def test_shapes_table_matches_the_loaders():
+    for name in ("digits",):
+        data = D.load(name)
+        assert D.shape_of(name) == (data.in_channels, data.num_classes, data.image_size)

@@ -75,11 +75,18 @@ def _add_common(p: argparse.ArgumentParser, *, default_epochs: float) -> None:
     g.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="tqdm progress bars on stderr (auto: when stderr is a terminal)")
     g.add_argument("--quiet", action="store_true", help="no per-evaluation lines on stderr")
+    g.add_argument("--fresh", action="store_true",
+                   help="--out holds another experiment: remove its runs, table and plots "
+                   "and start this one (without it such a folder is refused)")
     g.add_argument("--dry-run", action="store_true",
-                   help="print the resolved plan (methods, hyperparameters) and exit")
+                   help="resolve the plan and build every method's configuration, "
+                   "optimizer and preconditioner (no data, nothing written); print the plan "
+                   "and exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from natgrad.experiments.bench import DEFAULT_INTERLEAVE
+
     parser = argparse.ArgumentParser(
         prog="natgrad",
         description="Benchmark Kronecker-factored natural-gradient methods against "
@@ -103,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--settings", default=None, metavar="JSON",
                        help="best settings written by `natgrad tune`")
     bench.add_argument("--out", default="results", help="results folder (default: %(default)s)")
+    bench.add_argument("--interleave", type=int, default=None, metavar="N",
+                       help="the methods take turns in this process, N steps each, so the "
+                       "machine's drift falls on all alike (default: "
+                       f"{DEFAULT_INTERLEAVE}); 0 = one method after another (needs the "
+                       "memory of one run at a time)")
     bench.add_argument("--nproc", type=int, default=1, metavar="N",
                        help="train each run data-parallel on N local processes (gloo, or "
                        "NCCL with --device cuda; --batch-size is the global batch). For "
@@ -164,82 +176,15 @@ def _targets(text: str | None) -> list[float] | None:
 
 
 def _plan(args: argparse.Namespace, default_epochs: float):
-    """Resolve data/model/methods/hyperparameters/budget into a BenchPlan."""
-    from natgrad.experiments import methods as M
-    from natgrad.experiments.bench import DEFAULT_TARGETS, BenchPlan
-    from natgrad.experiments.presets import get_preset
-    from natgrad.experiments.schedule import LRSchedule, parse_schedule
-    from natgrad.experiments.tune import read_settings
+    """The validated :class:`~natgrad.experiments.bench.BenchPlan` of the command line
+    (:func:`~natgrad.experiments.plan.build_plan` on its typed options)."""
+    from natgrad.experiments.plan import PlanOptions, build_plan
 
-    preset = get_preset(args.preset) if args.preset else None
-    if args.methods:
-        specs = args.methods.split(",")
-    elif preset is not None:
-        specs = [s for s in preset.methods if _installed(s)]
-    else:
-        specs = M.default_specs()
-    methods, skipped = M.select(specs)
-    notes = list(skipped)
-    for line in skipped:
-        print(line, file=sys.stderr)
-    if not methods:
-        raise ValueError(f"no method left to run from --methods {args.methods!r}")
-    preset_hp = (
-        {m.name: preset.settings_for(m.name, m.method is not None) for m in methods}
-        if preset else None
-    )
-    settings = None
-    if getattr(args, "settings", None):
-        settings = {M.resolve(k).name: v for k, v in read_settings(args.settings).items()}
-    overrides: dict = {}
-    for option, key, values in (("--lr", "lr", args.lr),
-                                ("--weight-decay", "weight_decay", args.weight_decay),
-                                ("--damping", "damping", args.damping),
-                                ("--set", None, args.set)):
-        for target, hp in M.parse_overrides(option, key, values).items():
-            overrides.setdefault(target, {}).update(hp)
-    hyperparameters, hp_notes = M.merge_hyperparameters(
-        methods, preset=preset_hp, settings=settings, overrides=overrides)
-    notes += hp_notes
-    if args.lr_schedule:
-        schedule = parse_schedule(args.lr_schedule)
-    elif preset is not None:
-        schedule = preset.schedule_for(args.dataset)
-    else:
-        schedule = LRSchedule()
-    epochs, minutes = args.epochs, args.minutes
-    if epochs is None and minutes is None:
-        epochs = default_epochs
-    if schedule.needs_epochs() and epochs is None:
-        raise ValueError(f"--lr-schedule {schedule} needs --epochs (it anneals to the end)")
-    batch = args.batch_size or (preset.batch_size if preset else 128)
-    targets = _targets(getattr(args, "targets", None)) or list(
-        DEFAULT_TARGETS.get(args.dataset, (0.9,)))
-    from natgrad.experiments.train import RunConfig
-
-    RunConfig(spec="sgd", hyperparameters={}, dataset=args.dataset, model=args.model,
-              epochs=1, device=args.device)  # validates --device before anything runs
-    repeats = getattr(args, "repeats", 1)
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    return BenchPlan(
-        dataset=args.dataset, model=args.model, methods=methods,
-        hyperparameters=hyperparameters, batch_size=batch, epochs=epochs, minutes=minutes,
-        seeds=[args.seed + i for i in range(repeats)], targets=targets, schedule=schedule,
-        evals_per_epoch=args.evals_per_epoch, log_every=args.log_every,
-        augment=False if args.no_augment else None, data_dir=args.data_dir,
-        device=args.device, preset=args.preset, notes=notes,
-    )
-
-
-def _installed(spec: str) -> bool:
-    from natgrad.experiments.methods import resolve
-
-    try:
-        resolve(spec)
-    except ValueError:
-        return False
-    return True
+    methods = None if args.methods is None else args.methods.split(",")
+    options = PlanOptions.from_namespace(
+        args, methods=methods, targets=_targets(getattr(args, "targets", None)),
+        augment=False if args.no_augment else None)
+    return build_plan(options, default_epochs)
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -260,6 +205,7 @@ def _print_plan(plan, extra: str = "") -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from natgrad.distributed import world_from_env
     from natgrad.experiments.bench import run_bench
+    from natgrad.experiments.files import check_output_folder
     from natgrad.experiments.workers import Workers
 
     if args.nproc < 1:
@@ -275,14 +221,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_plan(plan)
         return 0
+    check_output_folder(args.out)
     workers = Workers.from_env(args.device)
     try:
         if workers.distributed and not args.threads:
             import torch
 
             torch.set_num_threads(workers.default_threads())
-        text = run_bench(plan, args.out, resume=args.resume, progress=_progress(args),
-                         quiet=args.quiet, workers=workers)
+        text = run_bench(plan, args.out, resume=args.resume, fresh=args.fresh,
+                         progress=_progress(args), quiet=args.quiet, workers=workers)
     except BaseException:
         workers.close(wait=False)
         raise
@@ -300,6 +247,7 @@ def _launch_bench(args: argparse.Namespace) -> int:
     local worker processes (:func:`~natgrad.experiments.workers.run_local`) and return
     the job's exit status."""
     from natgrad.experiments.data import load
+    from natgrad.experiments.files import check_output_folder
     from natgrad.experiments.workers import check_batch, run_local
 
     plan = _plan(args, default_epochs=3)
@@ -308,37 +256,36 @@ def _launch_bench(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_plan(plan)
         return 0
+    check_output_folder(args.out)
     load(plan.dataset, plan.data_dir, plan.augment)  # a missing dataset fails here, once
     return run_local(args.nproc, args.argv)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from natgrad.experiments.files import check_output_folder
     from natgrad.experiments.presets import get_preset
-    from natgrad.experiments.tune import grid_points, run_tune
+    from natgrad.experiments.tune import build_grids, check_settings_out, run_tune
 
     plan = _plan(args, default_epochs=2)
     plan.evals_per_epoch = 1
-    grid = get_preset(args.preset).grid if args.preset else {}
-    lrs = _floats("--lrs", args.lrs)
-    dampings = _floats("--dampings", args.dampings) or grid.get("damping")
-    wds = _floats("--weight-decays", args.weight_decays)
-    if wds is None:
-        wds = grid.get("weight_decay")
-    grids = {}
-    for m in plan.methods:
-        m_lrs = lrs or grid.get("lr_first_order" if m.first_order else "lr") or (
-            grid.get("lr") if m.peer else None)
-        grids[m.name] = grid_points(m, plan.hyperparameters[m.name], m_lrs, dampings, wds)
+    grids = build_grids(plan, get_preset(args.preset).grid if args.preset else {},
+                        lrs=_floats("--lrs", args.lrs),
+                        dampings=_floats("--dampings", args.dampings),
+                        weight_decays=_floats("--weight-decays", args.weight_decays))
     settings_out = args.settings_out or str(Path(args.out) / "settings.json")
+    check_settings_out(settings_out)
     if args.dry_run:
         _print_plan(plan, f"grid points: { {k: len(v) for k, v in grids.items()} }")
         return 0
+    check_output_folder(args.out)
     settings = run_tune(plan, grids, args.out, settings_out, resume=args.resume,
-                        progress=_progress(args), quiet=args.quiet)
+                        fresh=args.fresh, progress=_progress(args), quiet=args.quiet)
     print("| method | best settings | training loss |")
     print("|---|---|---|")
+    for spec in settings.get("unconverged", []):
+        print(f"| {spec} | none: no point converged | — |")
     for r in settings["results"]:
-        if r["hyperparameters"] == settings["settings"][r["spec"]]:
+        if r["hyperparameters"] == settings["settings"].get(r["spec"]):
             hp = ", ".join(f"{k}={v:g}" for k, v in r["hyperparameters"].items()
                            if k in ("lr", "damping", "weight_decay"))
             loss = "diverged" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
@@ -363,7 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"bench": _cmd_bench, "tune": _cmd_tune, "report": _cmd_report}
-    if getattr(args, "threads", None):
+    from natgrad.experiments.files import FolderBusy
+
+    if (getattr(args, "threads", None) or 0) >= 1:
         import torch
 
         torch.set_num_threads(args.threads)
@@ -379,9 +328,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `natgrad ... | head`: stop quietly
         sys.stdout = open(os.devnull, "w")
         return 0
-    except (ValueError, FileNotFoundError) as e:  # DatasetMissing is a FileNotFoundError
+    except (ValueError, OSError, FolderBusy) as e:  # DatasetMissing: a FileNotFoundError
         print(f"natgrad {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from natgrad.experiments.workers import PEER_LOST, LAUNCHED, lost_peer
+
+        if LAUNCHED in os.environ and lost_peer(e):
+            # Another worker of `--nproc` died; the launcher says which, in one line.
+            return PEER_LOST
+        raise
 
 
 if __name__ == "__main__":

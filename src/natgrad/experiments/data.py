@@ -37,7 +37,10 @@ from .augment import random_crop_flip
 __all__ = [
     "FMNIST_DIR",
     "DATASETS",
+    "SHAPES",
+    "shape_of",
     "DatasetMissing",
+    "BadDataset",
     "ImageData",
     "load",
     "read_idx",
@@ -62,6 +65,62 @@ _SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 
 class DatasetMissing(FileNotFoundError):
     """A dataset's files are not where they were looked for; the message says how to get them."""
+
+
+class BadDataset(ValueError):
+    """A dataset file is there but is not what its format promises; the message names the
+    file and the problem (one line)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0][:160] if text else "") or type(err).__name__
+
+
+def _check_images(path: Path, x: np.ndarray, shape: tuple[int, ...], layout: str) -> None:
+    """``x`` must be ``uint8`` with ``shape`` (``-1`` = any count, at least one image)."""
+    if x.dtype != np.uint8:
+        raise BadDataset(f"{path}: images are {x.dtype}, expected uint8 pixels (0–255)")
+    if x.ndim != len(shape) or any(w != -1 and w != g for w, g in zip(shape, x.shape)):
+        raise BadDataset(f"{path}: images have shape {tuple(x.shape)}, expected {layout}")
+    if x.size == 0:
+        raise BadDataset(f"{path}: holds no images")
+
+
+def _check_labels(path: Path, y: np.ndarray, count: int, low: int, high: int) -> np.ndarray:
+    """``y`` as int64 ``(count,)``: integers in ``low … high``."""
+    y = np.asarray(y)
+    if y.ndim == 2 and 1 in y.shape:
+        y = y.reshape(-1)
+    if y.ndim != 1:
+        raise BadDataset(f"{path}: labels have shape {tuple(y.shape)}, expected ({count},)")
+    if y.dtype.kind not in "iub":
+        raise BadDataset(f"{path}: labels are {y.dtype}, expected integers")
+    if len(y) != count:
+        raise BadDataset(f"{path}: {count} images but {len(y)} labels")
+    bad = y[(y < low) | (y > high)]
+    if bad.size:
+        values = ", ".join(str(v) for v in np.unique(bad)[:5])
+        raise BadDataset(f"{path}: labels must be in {low}…{high}, found {values}")
+    return y.astype(np.int64)
+
+
+#: ``(in_channels, num_classes, image_size)`` per dataset: what a model for it looks like,
+#: known without reading the files.
+SHAPES: dict[str, tuple[int, int, int]] = {
+    "fashion-mnist": (1, 10, 28),
+    "digits": (1, 10, 8),
+    "cifar10": (3, 10, 32),
+    "cifar100": (3, 100, 32),
+    "svhn": (3, 10, 32),
+}
+
+
+def shape_of(name: str) -> tuple[int, int, int]:
+    """``(in_channels, num_classes, image_size)`` of dataset ``name``."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(SHAPES)}")
+    return SHAPES[name]
 
 
 @dataclass
@@ -149,17 +208,32 @@ def _missing(name: str, root: Path, expected: list[Path], how: str) -> DatasetMi
 
 # ---------------------------------------------------------------------- Fashion-MNIST
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an idx file (optionally gzip-compressed) into an array of its stored shape."""
+    """Read an idx file (optionally gzip-compressed) into an array of its stored shape.
+
+    Raises:
+        BadDataset: not an idx file, or truncated (naming the file).
+    """
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise BadDataset(f"{path} is a folder, expected an idx file") from None
+    except (OSError, EOFError) as e:  # gzip: truncated or not gzip at all
+        raise BadDataset(f"{path}: cannot be read ({_first_line(e)})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path}: not an idx file (bad magic)")
-    dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[
-        data[2]
-    ]
+        raise BadDataset(f"{path}: not an idx file (bad magic)")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
+              0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise BadDataset(f"{path}: not an idx file (unknown type code {data[2]:#x})")
+    dtype = np.dtype(dtypes[data[2]])
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = 4 + 4 * ndim + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if len(data) != expected:
+        raise BadDataset(f"{path}: {len(data)} bytes, but its header {shape} needs "
+                         f"{expected} (truncated or padded)")
     return np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -186,9 +260,10 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> ImageData:
     root = _fmnist_root(data_dir)
     split = {}
     for key, (images, labels) in _FMNIST_FILES.items():
-        x = torch.from_numpy(read_idx(root / images).copy()).unsqueeze(1)
-        y = torch.from_numpy(read_idx(root / labels).astype(np.int64))
-        split[key] = (x, y)
+        x = read_idx(root / images)
+        _check_images(root / images, x, (-1, 28, 28), "(N, 28, 28)")
+        y = _check_labels(root / labels, read_idx(root / labels), len(x), 0, 9)
+        split[key] = (torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y))
     return _make("fashion-mnist", *split["train"], *split["test"], num_classes=10)
 
 
@@ -228,19 +303,33 @@ def _find(root: Path, sub: str, names: tuple[str, ...]) -> Path | None:
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    """A CIFAR python pickle: a dict (keys are bytes)."""
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except IsADirectoryError:
+        raise BadDataset(f"{path} is a folder, expected a CIFAR python pickle file") from None
+    except Exception as e:  # truncated, empty, HTML, garbage: pickle raises many kinds
+        raise BadDataset(f"{path}: not a readable python pickle ({type(e).__name__}: "
+                         f"{_first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise BadDataset(f"{path}: expected a CIFAR python pickle (a dict), got a "
+                         f"{type(obj).__name__}")
+    return obj
 
 
-def _cifar_arrays(path: Path, label_key: bytes) -> tuple[Tensor, Tensor]:
-    """One CIFAR python pickle → uint8 images ``(N, 3, 32, 32)`` and int64 labels ``(N,)``."""
+def _cifar_arrays(path: Path, label_key: bytes, num_classes: int) -> tuple[Tensor, Tensor]:
+    """One CIFAR python pickle → uint8 images ``(N, 3, 32, 32)`` and int64 labels ``(N,)``,
+    checked: ``N × 3072`` pixel bytes, ``N`` integer labels in ``0 … num_classes − 1``."""
     batch = _unpickle(path)
     try:
         data, labels = batch[b"data"], batch[label_key]
     except KeyError as e:
-        raise ValueError(f"{path}: not a CIFAR python pickle (no key {e.args[0]!r})") from None
-    x = torch.from_numpy(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
-    return x, torch.tensor(np.asarray(labels), dtype=torch.int64)
+        raise BadDataset(f"{path}: not a CIFAR python pickle (no key {e.args[0]!r})") from None
+    x = np.asarray(data)
+    _check_images(path, x, (-1, 3 * 32 * 32), "(N, 3072): N 32×32 RGB images")
+    y = _check_labels(path, np.asarray(labels), len(x), 0, num_classes - 1)
+    return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(y)
 
 
 def _cifar_how(archive: str) -> str:
@@ -261,8 +350,8 @@ def cifar10(data_dir: str | os.PathLike, augment: bool = True) -> ImageData:
             "CIFAR-10", root, [root / _CIFAR10_DIR / n for n in names],
             _cifar_how("cifar-10-python.tar.gz"),
         )
-    parts = [_cifar_arrays(folder / n, b"labels") for n in _CIFAR10_TRAIN]
-    x_test, y_test = _cifar_arrays(folder / "test_batch", b"labels")
+    parts = [_cifar_arrays(folder / n, b"labels", 10) for n in _CIFAR10_TRAIN]
+    x_test, y_test = _cifar_arrays(folder / "test_batch", b"labels", 10)
     x_train = torch.cat([p[0] for p in parts])
     y_train = torch.cat([p[1] for p in parts])
     return _make("cifar10", x_train, y_train, x_test, y_test, 10,
@@ -279,8 +368,8 @@ def cifar100(data_dir: str | os.PathLike, augment: bool = True) -> ImageData:
             "CIFAR-100", root, [root / _CIFAR100_DIR / n for n in ("train", "test")],
             _cifar_how("cifar-100-python.tar.gz"),
         )
-    x_train, y_train = _cifar_arrays(folder / "train", b"fine_labels")
-    x_test, y_test = _cifar_arrays(folder / "test", b"fine_labels")
+    x_train, y_train = _cifar_arrays(folder / "train", b"fine_labels", 100)
+    x_test, y_test = _cifar_arrays(folder / "test", b"fine_labels", 100)
     return _make("cifar100", x_train, y_train, x_test, y_test, 100,
                  random_crop_flip if augment else None)
 
@@ -288,15 +377,24 @@ def cifar100(data_dir: str | os.PathLike, augment: bool = True) -> ImageData:
 # ---------------------------------------------------------------------- SVHN
 def _svhn_arrays(path: Path) -> tuple[Tensor, Tensor]:
     """One SVHN cropped-digits ``.mat`` → uint8 ``(N, 3, 32, 32)``, labels 0–9 (the file
-    stores digit 0 as label 10)."""
+    stores digits 1–9 as 1–9 and digit 0 as 10), checked: ``X`` uint8 ``(32, 32, 3, N)``,
+    ``y`` ``N`` integers in 1 … 10."""
     from scipy.io import loadmat
 
-    mat = loadmat(path)
+    try:
+        mat = loadmat(path)
+    except IsADirectoryError:
+        raise BadDataset(f"{path} is a folder, expected an SVHN .mat file") from None
+    except Exception as e:  # truncated or not MATLAB: scipy raises many kinds
+        raise BadDataset(f"{path}: not a readable MATLAB .mat file ({type(e).__name__}: "
+                         f"{_first_line(e)})") from None
     if "X" not in mat or "y" not in mat:
-        raise ValueError(f"{path}: not an SVHN .mat file (needs variables 'X' and 'y')")
-    x = torch.from_numpy(np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1))))
-    y = torch.from_numpy(mat["y"].reshape(-1).astype(np.int64) % 10)
-    return x.to(torch.uint8), y
+        raise BadDataset(f"{path}: not an SVHN .mat file (needs variables 'X' and 'y')")
+    images = np.asarray(mat["X"])
+    _check_images(path, images, (32, 32, 3, -1), "(32, 32, 3, N)")
+    y = _check_labels(path, mat["y"], images.shape[3], 1, 10) % 10
+    x = torch.from_numpy(np.ascontiguousarray(np.transpose(images, (3, 2, 0, 1))))
+    return x, torch.from_numpy(y)
 
 
 def svhn(data_dir: str | os.PathLike, augment: bool = False) -> ImageData:

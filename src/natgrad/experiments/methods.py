@@ -105,6 +105,21 @@ class MethodSpec:
         return {**dict(hyperparameters), **{k: v for k, v in defaults.items()
                                             if k not in hyperparameters}}
 
+    def check(self, hyperparameters: Mapping[str, Any]) -> None:
+        """The common hyperparameters' ranges (the method's config checks its own fields
+        when built).
+
+        Raises:
+            ValueError: naming the spec, the hyperparameter and the value.
+        """
+        lr = hyperparameters.get("lr", self.default_lr())
+        wd = hyperparameters.get("weight_decay", 0.0)
+        if not _number(lr) or not lr > 0:
+            raise ValueError(f"{self.name}: lr must be a finite number > 0, got {lr!r}")
+        if not _number(wd) or wd < 0:
+            raise ValueError(f"{self.name}: weight_decay must be a finite number >= 0, "
+                             f"got {wd!r}")
+
     def build(self, model: nn.Module, hyperparameters: Mapping[str, Any], seed: int = 0,
               distributed: Any = None):
         """``(preconditioner or None, optimizer)`` for ``model``.
@@ -123,6 +138,10 @@ class MethodSpec:
             if distributed is not None:
                 hp["distributed"] = distributed
         return natgrad.build(self.name, model, lr=lr, weight_decay=weight_decay, **hp)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def resolve(spec: str) -> MethodSpec:

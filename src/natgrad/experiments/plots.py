@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .results import Run
 
 __all__ = ["PLOTS", "write_plots"]
@@ -50,6 +51,7 @@ def write_plots(runs: Sequence[Run], out_dir: str | os.PathLike, order: Sequence
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    files.remove_stale_temporaries(out)
     specs = [s for s in order if any(r.spec == s for r in runs)]
     specs += sorted({r.spec for r in runs} - set(specs))
     paths = []
@@ -83,7 +85,9 @@ def write_plots(runs: Sequence[Run], out_dir: str | os.PathLike, order: Sequence
             ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / name
-        fig.savefig(path)
-        plt.close(fig)
+        try:  # to plots/NAME.tmp, then renamed: a kill or a full disk leaves the old plot
+            files.atomic_write(path, lambda f, fig=fig: fig.savefig(f, format="png"))
+        finally:
+            plt.close(fig)
         paths.append(path)
     return paths

@@ -11,7 +11,7 @@ shows ``(k/n)`` and averages the seeds that did.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import os
 import statistics
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .train import read_log
+from . import files
 
-__all__ = ["Run", "Row", "load_runs", "time_to_target", "epochs_to_target", "summarise",
-           "markdown_table", "write_csv"]
+__all__ = ["Run", "Row", "load_runs", "consistent_runs", "fallback_notes", "time_to_target",
+           "epochs_to_target", "summarise", "markdown_table", "write_csv"]
 
 
 @dataclass
@@ -35,24 +35,92 @@ class Run:
     meta: dict[str, Any]
     evals: list[dict[str, Any]]
     train: list[dict[str, Any]] = field(default_factory=list)
+    folder: Path = Path(".")
+    torn: list[int] = field(default_factory=list)
 
     @property
     def status(self) -> str:
         return self.meta.get("status", "unknown")
 
+    @property
+    def fell_back(self) -> bool:
+        """The preconditioner did not precondition everywhere (plain gradient on some
+        steps, or a numerical warning)."""
+        fb = self.meta.get("fallbacks") or {}
+        return bool(fb.get("plain_gradient_steps") or fb.get("warnings"))
 
-def load_runs(out_dir: str | os.PathLike) -> list[Run]:
-    """Every run under ``out_dir/runs/<spec>/seed<k>/`` that has a ``meta.json``."""
+
+def load_runs(out_dir: str | os.PathLike, methods: Sequence[str] | None = None,
+              seeds: Sequence[int] | None = None) -> list[Run]:
+    """Every run under ``out_dir/runs/<spec>/seed<k>/`` that has a ``meta.json`` (only
+    ``methods`` × ``seeds`` when given: the experiment's runs).
+
+    Raises:
+        ValueError: a ``meta.json`` that is not a run record, naming the file.
+    """
     runs = []
     for meta_path in sorted(Path(out_dir).glob("runs/*/seed*/meta.json")):
-        meta = json.loads(meta_path.read_text())
-        log = meta_path.parent / "log.jsonl"
-        records = read_log(log) if log.exists() else []
-        cfg = meta["config"]
-        runs.append(Run(cfg["spec"], int(cfg["seed"]), meta,
-                        [r for r in records if r.get("kind") == "eval"],
-                        [r for r in records if r.get("kind") == "train"]))
+        meta = files.read_json(meta_path, "run record")
+        try:
+            cfg = meta["config"]
+            spec, seed = cfg["spec"], int(cfg["seed"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"run record {meta_path} has no config with spec and seed"
+                             ) from None
+        if (methods is not None and spec not in methods) or (
+                seeds is not None and seed not in seeds):
+            continue
+        log_path = meta_path.parent / "log.jsonl"
+        log = files.read_log(log_path) if log_path.exists() else files.Log([], [])
+        runs.append(Run(spec, seed, meta,
+                        [r for r in log.records if r.get("kind") == "eval"],
+                        [r for r in log.records if r.get("kind") == "train"],
+                        meta_path.parent, log.torn))
     return runs
+
+
+#: Run settings every run of one table shares (the method's own hyperparameters and the
+#: seed may differ).
+_SHARED = ("dataset", "model", "batch_size", "epochs", "minutes", "schedule",
+           "evals_per_epoch", "augment", "processes")
+
+
+def consistent_runs(runs: Sequence[Run]) -> None:
+    """Check that ``runs`` belong to one experiment.
+
+    Raises:
+        ValueError: two runs differ in a shared setting, naming both and the setting.
+    """
+    first = runs[0]
+    for run in runs[1:]:
+        for key in _SHARED:
+            a, b = first.meta["config"].get(key), run.meta["config"].get(key)
+            if a != b:
+                raise ValueError(
+                    f"{first.folder} and {run.folder} are runs of different experiments "
+                    f"({key} {a!r} vs {b!r}); one results folder holds one experiment")
+
+
+def fallback_notes(runs: Sequence[Run]) -> list[str]:
+    """One line per run whose method fell back (marked † in the table)."""
+    notes = []
+    for r in runs:
+        if not r.fell_back:
+            continue
+        fb = r.meta["fallbacks"]
+        parts = []
+        if fb.get("plain_gradient_steps"):
+            steps = r.meta.get("summary", {}).get("steps")
+            layers = fb.get("plain_gradient_layers") or []
+            parts.append(f"plain gradient on {fb['plain_gradient_steps']}"
+                         f"{f' of {steps}' if steps else ''} steps ({len(layers)} "
+                         f"layer{'s' if len(layers) != 1 else ''}: {', '.join(layers)})")
+        warned = fb.get("warnings") or []
+        if warned:
+            parts.append(f"{len(warned)} numerical warning{'s' if len(warned) > 1 else ''}, "
+                         f"first at step {warned[0]['step']}: {warned[0]['message']}")
+        notes.append(f"† {r.spec} seed {r.seed}: {'; '.join(parts)}.")
+    return notes
 
 
 def _first_at(evals: Iterable[dict[str, Any]], target: float, key: str) -> float | None:
@@ -119,6 +187,7 @@ class Row:
     epochs_to: dict[float, Stat] = field(default_factory=dict)
     ms_ratio: float | None = None
     target_ratio: dict[float, float | None] = field(default_factory=dict)
+    fell_back: int = 0
 
 
 def _first_order(spec: str) -> bool:
@@ -154,6 +223,7 @@ def summarise(runs: Sequence[Run], targets: Sequence[float], order: Sequence[str
 
         row = Row(spec, total, total - len(done), stat("test_acc"), stat("test_loss"),
                   stat("ms_per_iter", group), stat("train_time", group))
+        row.fell_back = sum(r.fell_back for r in group)
         for t in targets:
             times = [time_to_target(r.evals, t) for r in done]
             row.to_target[t] = Stat([x for x in times if x is not None], total)
@@ -187,7 +257,8 @@ def markdown_table(rows: Sequence[Row], targets: Sequence[float]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
-            r.spec + (f" ({r.diverged} diverged)" if r.diverged else ""),
+            r.spec + (f" ({r.diverged} diverged)" if r.diverged else "")
+            + (f" † (fell back in {r.fell_back}/{r.runs})" if r.fell_back else ""),
             str(r.runs),
             r.test_acc.text(".2f", 100),
             r.test_loss.text(".4f"),
@@ -209,23 +280,24 @@ def write_csv(rows: Sequence[Row], targets: Sequence[float], path: str | os.Path
     def num(x: float | None) -> str:
         return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(x)
 
-    head = ["method", "runs", "diverged", "test_acc_mean", "test_acc_std", "test_loss_mean",
-            "test_loss_std", "ms_per_iter_mean", "ms_per_iter_std", "ms_ratio_sgd",
-            "train_time_mean", "train_time_std"]
+    head = ["method", "runs", "diverged", "fell_back", "test_acc_mean", "test_acc_std",
+            "test_loss_mean", "test_loss_std", "ms_per_iter_mean", "ms_per_iter_std",
+            "ms_ratio_sgd", "train_time_mean", "train_time_std"]
     for t in targets:
         head += [f"time_to_{t:g}_mean", f"time_to_{t:g}_std", f"epochs_to_{t:g}_mean",
                  f"reached_{t:g}", f"ratio_best_first_order_{t:g}"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(head)
-        for r in rows:
-            line = [r.spec, r.runs, r.diverged]
-            for s in (r.test_acc, r.test_loss, r.ms_per_iter):
-                line += [num(s.mean), num(s.std)]
-            line.append(num(r.ms_ratio))
-            line += [num(r.train_time.mean), num(r.train_time.std)]
-            for t in targets:
-                s = r.to_target[t]
-                line += [num(s.mean), num(s.std), num(r.epochs_to[t].mean), f"{s.n}/{r.runs}",
-                         num(r.target_ratio[t])]
-            w.writerow(line)
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(head)
+    for r in rows:
+        line = [r.spec, r.runs, r.diverged, r.fell_back]
+        for s in (r.test_acc, r.test_loss, r.ms_per_iter):
+            line += [num(s.mean), num(s.std)]
+        line.append(num(r.ms_ratio))
+        line += [num(r.train_time.mean), num(r.train_time.std)]
+        for t in targets:
+            s = r.to_target[t]
+            line += [num(s.mean), num(s.std), num(r.epochs_to[t].mean), f"{s.n}/{r.runs}",
+                     num(r.target_ratio[t])]
+        w.writerow(line)
+    files.atomic_write(path, lambda out: out.write(f.getvalue().encode()))

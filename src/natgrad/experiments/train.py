@@ -13,7 +13,12 @@ the one-process run would draw, evaluation is split over the workers, and the cl
 0's (every worker adopts it each step, so budgets end on the same step everywhere). Rank 0
 alone writes the files below; a checkpoint serves every worker.
 
-Files in the run folder: ``meta.json`` (config, status, summary), ``log.jsonl`` (one JSON
+Several runs in one process (:func:`train_runs`) go one after another or take turns a
+few steps at a time; each owns its model, optimizer, preconditioner, data generator, RNG
+state and clock, so its numbers do not depend on the order.
+
+Files in the run folder (:class:`~natgrad.experiments.run_folder.RunFolder`):
+``meta.json`` (config, status, fallbacks, load average, summary), ``log.jsonl`` (one JSON
 object per line: ``kind`` = ``"train"`` every ``log_every`` steps or ``"eval"``, with
 ``step``, ``epoch``, ``time`` (training seconds), ``train_loss``, ``lr`` and, for evals,
 ``test_loss`` and ``test_acc``), ``checkpoint.pt`` (written at every epoch end; resuming
@@ -23,11 +28,13 @@ from it reproduces the uninterrupted run exactly).
 from __future__ import annotations
 
 import json
+import hashlib
 import math
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -36,15 +43,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import files
+from . import run_health as health
 from .data import ImageData
 from .methods import resolve
 from .models import build_model, count_parameters
+from .run_folder import RunFolder
 from .schedule import LRSchedule
 from .workers import Workers, check_batch
 
-__all__ = ["RunConfig", "train_run", "evaluate", "read_log", "ConfigMismatch"]
+__all__ = ["RunConfig", "train_run", "train_runs", "evaluate", "read_log", "ConfigMismatch",
+           "MAX_SEED"]
 
 CHECKPOINT_VERSION = 1
+#: Seeds are 0 … 2⁶³ − 1 (what ``torch.manual_seed`` takes without wrapping around).
+MAX_SEED = 2**63 - 1
 
 
 class ConfigMismatch(ValueError):
@@ -106,6 +119,9 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be > 0, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+                0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer in 0 … 2^63-1, got {self.seed!r}")
         for name in ("batch_size", "evals_per_epoch", "log_every", "eval_batch_size",
                      "processes"):
             value = getattr(self, name)
@@ -144,20 +160,20 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000,
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a ``log.jsonl`` (a torn last line from a crash is skipped)."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    """All whole records of a ``log.jsonl`` (torn lines are skipped; :func:`files.read_log`
+    says which)."""
+    return files.read_log(path).records
 
 
 @dataclass
 class _Clock:
-    """Training progress that a checkpoint must carry."""
+    """Training progress that a checkpoint must carry.
+
+    ``plain_steps`` counts steps on which some layer that has curvature statistics had no
+    usable inverse (the preconditioner passed its plain gradient through);
+    ``numerical`` holds the preconditioner's :class:`natgrad.NumericalWarning` messages
+    with their step; ``loads`` the machine's 1-minute load average at each evaluation.
+    """
 
     step: int = 0
     time: float = 0.0
@@ -168,14 +184,43 @@ class _Clock:
     last_eval_step: int = -1
     log_lines: int = 0
     last_eval: dict[str, Any] | None = None
+    plain_steps: int = 0
+    plain_layers: list[str] = field(default_factory=list)
+    numerical: list[dict[str, Any]] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)
+
+
+class _RngState:
+    """The global random-number state a run owns (torch CPU, the run's CUDA device,
+    Python's ``random``): installed while the run trains and saved when it yields, so runs
+    interleaved in one process draw exactly what they would draw one after another."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.save()
+
+    def save(self) -> None:
+        self.torch = torch.get_rng_state()
+        self.python = random.getstate()
+        self.cuda = (torch.cuda.get_rng_state(self.device)
+                     if self.device.type == "cuda" else None)
+
+    def install(self) -> None:
+        torch.set_rng_state(self.torch)
+        random.setstate(self.python)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
 
 
 class _Run:
-    """The state of one run in progress (model, optimizer, generators, files)."""
+    """The state of one run in progress (model, optimizer, preconditioner, data generator,
+    RNG state, clock and files): everything that makes it independent of other runs in
+    the same process."""
 
     def __init__(self, cfg: RunConfig, data: ImageData, run_dir: Path,
                  workers: Workers) -> None:
-        self.cfg, self.data, self.dir, self.workers = cfg, data, run_dir, workers
+        self.cfg, self.data, self.workers = cfg, data, workers
+        self.folder = RunFolder(run_dir)
         if cfg.processes != workers.world_size:
             raise ValueError(f"the run is set up for {cfg.processes} processes but "
                              f"{workers.world_size} are running")
@@ -206,18 +251,13 @@ class _Run:
                                              distributed=workers.preconditioner_sharing())
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.rng = _RngState(self.device)
         self.perm: torch.Tensor | None = None
         self.clock = _Clock()
+        self.status = "running"
+        self.say = lambda text: None
 
     # ------------------------------------------------------------------ files
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "log.jsonl"
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.dir / "checkpoint.pt"
-
     def write_meta(self, status: str, summary: dict[str, Any] | None = None) -> None:
         if not self.workers.is_main:
             return
@@ -231,63 +271,16 @@ class _Run:
             "steps_per_epoch": self.steps_per_epoch,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "fallbacks": health.fallbacks(self.clock),
+            "load_average": health.load_summary(self.clock.loads),
             "summary": summary or {},
         }
-        _write_json(self.dir / "meta.json", meta)
+        self.folder.write_meta(meta)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.workers.is_main:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.folder.append(record)
         self.clock.log_lines += 1
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> None:
-        if not self.workers.is_main:
-            return
-        state = {
-            "version": CHECKPOINT_VERSION,
-            "config": self.cfg.as_dict(),
-            "model": self.net.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "preconditioner": self.pre.state_dict() if self.pre is not None else None,
-            "data_generator": self.data_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "clock": asdict(self.clock),
-        }
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
-
-    def load_checkpoint(self) -> None:
-        """Rank 0 reads the checkpoint and every worker adopts it (one copy serves all:
-        their states are identical), so the folder need only be on rank 0's machine."""
-        state, problem = None, None
-        if self.workers.is_main:
-            # Our own file of state_dicts and RNG states (Python tuples): weights_only=False.
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-            if state.get("version") != CHECKPOINT_VERSION:
-                problem = ValueError(f"{self.checkpoint_path}: unsupported checkpoint version "
-                                     f"{state.get('version')!r}")
-            elif state["config"] != self.cfg.as_dict():
-                problem = ConfigMismatch(
-                    f"{self.checkpoint_path} was written with other settings")
-        state, problem = self.workers.from_main((None, problem) if problem else (state, None))
-        if problem is not None:
-            raise problem
-        self.net.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        if self.pre is not None:
-            self.pre.load_state_dict(state["preconditioner"])
-        self.data_gen.set_state(state["data_generator"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
-        random.setstate(state["python_rng"])
-        known = {f.name for f in fields(_Clock)}
-        self.clock = _Clock(**{k: v for k, v in state["clock"].items() if k in known})
-        if self.workers.is_main:
-            records = self.log_path.read_text().splitlines(keepends=True)
-            self.log_path.write_text("".join(records[: self.clock.log_lines]))
 
     # ------------------------------------------------------------------ steps
     def epoch(self) -> float:
@@ -300,6 +293,15 @@ class _Run:
         if self.total_steps is not None and self.clock.step >= self.total_steps:
             return False
         return not (self.cfg.minutes is not None and self.clock.time >= self.cfg.minutes * 60)
+
+    def done_fraction(self) -> float:
+        """How much of the budget is spent, 0–1 (the larger of steps and clock)."""
+        parts = []
+        if self.total_steps is not None:
+            parts.append(self.clock.step / self.total_steps)
+        if self.cfg.minutes is not None:
+            parts.append(self.clock.time / (60 * self.cfg.minutes))
+        return min(1.0, max(parts)) if parts else 0.0
 
     def train_step(self) -> float:
         """One optimizer step on the next batch; returns the batch loss. Timed."""
@@ -333,11 +335,22 @@ class _Run:
         value, elapsed = self.workers.sum(mine).tolist()
         self.clock.time += elapsed
         self.clock.step += 1
+        health.note_plain_gradient(self.pre, self.clock)
         return value / self.workers.world_size
 
-    def eval_record(self) -> dict[str, Any]:
-        test_loss, test_acc = evaluate(self.net, self.data, self.cfg.eval_batch_size,
-                                       self.device, self.workers)
+    def eval_record(self, cache: dict | None = None) -> dict[str, Any]:
+        """Evaluate, log and return the record. With ``cache``, a model whose weights were
+        evaluated before on the same data (every method's step-0 model: same seed, same
+        initialisation) reuses that result instead of a second pass over the test set."""
+        key = (id(self.data), self.cfg.eval_batch_size, _weights_digest(self.net)) if (
+            cache is not None) else None
+        if key is not None and key in cache:
+            test_loss, test_acc = cache[key]
+        else:
+            test_loss, test_acc = evaluate(self.net, self.data, self.cfg.eval_batch_size,
+                                           self.device, self.workers)
+            if key is not None:
+                cache[key] = (test_loss, test_acc)
         c = self.clock
         train_loss = c.loss_sum / c.loss_count if c.loss_count else None
         c.loss_sum, c.loss_count, c.last_eval_step = 0.0, 0, c.step
@@ -348,7 +361,276 @@ class _Run:
         }
         self.log(record)
         c.last_eval = record
+        load = health.load_average()
+        if load is not None:
+            c.loads.append(load)
         return record
+
+    # ------------------------------------------------------------------ a stretch of training
+    def advance(self, max_steps: int | None = None, on_step=None,
+                stop_after_steps: int | None = None) -> bool:
+        """Train up to ``max_steps`` steps (``None``: to the end of the budget) with this
+        run's own RNG state installed; return whether the run has budget left.
+
+        ``on_step(run)`` is called after every step (progress display);
+        ``stop_after_steps`` raises ``KeyboardInterrupt`` there (tests).
+        """
+        if self.status != "running":
+            return False
+        self.rng.install()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
+                self._advance(max_steps, on_step, stop_after_steps)
+        finally:
+            self.rng.save()
+            health.keep_warnings(caught, self.clock, self.say)
+        return self.status == "running"
+
+    def _advance(self, max_steps: int | None, on_step, stop_after_steps: int | None) -> None:
+        cfg, c = self.cfg, self.clock
+        taken = 0
+        while (max_steps is None or taken < max_steps) and self.budget_left():
+            loss = self.train_step()
+            taken += 1
+            if on_step is not None:
+                on_step(self)
+            if not math.isfinite(loss):
+                self.status = "diverged"
+                self.say(f"training loss became {loss} at step {c.step}; stopping this run")
+                return
+            c.loss_sum += loss
+            c.loss_count += 1
+            c.log_sum += loss
+            c.log_count += 1
+            if c.step % cfg.log_every == 0:
+                self.log({"kind": "train", "step": c.step, "epoch": round(self.epoch(), 6),
+                          "time": round(c.time, 6), "train_loss": c.log_sum / c.log_count,
+                          "lr": self.lr()})
+                c.log_sum, c.log_count = 0.0, 0
+            position = c.step % self.steps_per_epoch or self.steps_per_epoch
+            if position in self.eval_positions:
+                r = self.eval_record()
+                self.say(f"epoch {r['epoch']:.2f} step {r['step']} t={r['time']:.1f}s "
+                         f"train loss {r['train_loss']:.4f} test loss {r['test_loss']:.4f} "
+                         f"acc {100 * r['test_acc']:.2f}%")
+            if position == self.steps_per_epoch:
+                _save_checkpoint(self)
+            if stop_after_steps is not None and c.step >= stop_after_steps:
+                raise KeyboardInterrupt(f"stopped after {c.step} steps (stop_after_steps)")
+        if not self.budget_left():
+            self.status = "done"
+
+    def finish(self) -> dict[str, Any]:
+        """The final evaluation and ``meta.json``; return the summary."""
+        c = self.clock
+        status = "diverged" if self.status == "diverged" else "done"
+        if status == "done" and (c.last_eval_step != c.step or c.last_eval is None):
+            self.eval_record()
+        last = c.last_eval
+        summary = {
+            "status": status,
+            "steps": c.step,
+            "epochs": self.epoch(),
+            "train_time": c.time,
+            "ms_per_iter": 1000 * c.time / max(1, c.step),
+            "test_acc": last["test_acc"] if status == "done" else None,
+            "test_loss": last["test_loss"] if status == "done" else None,
+            "final_train_loss": last["train_loss"] if status == "done" else None,
+        }
+        self.write_meta(status, summary)
+        self.status = status
+        return summary
+
+
+def _weights_digest(net: nn.Module) -> str:
+    """A hash of the model's parameters and buffers (identical models, identical
+    evaluations)."""
+    h = hashlib.sha1()
+    for name, tensor in net.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """Rank 0 writes the run's state at an epoch end (:class:`RunFolder`, atomically)."""
+    if not run.workers.is_main:
+        return
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "config": run.cfg.as_dict(),
+        "model": run.net.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "preconditioner": run.pre.state_dict() if run.pre is not None else None,
+        "data_generator": run.data_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "clock": asdict(run.clock),
+    }
+    run.folder.save_checkpoint(state)
+
+
+def _load_checkpoint(run: _Run) -> None:
+    """Rank 0 reads the checkpoint and every worker adopts it (one copy serves all:
+    their states are identical), so the folder need only be on rank 0's machine."""
+    state, problem = None, None
+    if run.workers.is_main:
+        path = run.folder.checkpoint_path
+        try:
+            state = run.folder.load_checkpoint()
+        except ValueError as e:
+            problem = e
+        if problem is None and state.get("version") != CHECKPOINT_VERSION:
+            problem = ValueError(f"{path}: unsupported checkpoint version "
+                                 f"{state.get('version')!r}")
+        elif problem is None and state["config"] != run.cfg.as_dict():
+            problem = ConfigMismatch(f"{path} was written with other settings")
+    state, problem = run.workers.from_main((None, problem) if problem else (state, None))
+    if problem is not None:
+        raise problem
+    run.net.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    if run.pre is not None:
+        run.pre.load_state_dict(state["preconditioner"])
+    run.data_gen.set_state(state["data_generator"].cpu())
+    torch.set_rng_state(state["torch_rng"].cpu())
+    random.setstate(state["python_rng"])
+    run.rng.save()
+    known = {f.name for f in fields(_Clock)}
+    run.clock = _Clock(**{k: v for k, v in state["clock"].items() if k in known})
+    if run.workers.is_main:
+        run.folder.keep_log_lines(run.clock.log_lines)
+
+
+def _open_run(cfg: RunConfig, data: ImageData, run_dir: Path, *, resume: bool, quiet: bool,
+              workers: Workers, start_evals: dict | None = None) -> _Run | dict[str, Any]:
+    """The run ready to train (resumed from its checkpoint, or started with its step-0
+    evaluation), or the summary of a run that is already finished (``resume``)."""
+    from tqdm.auto import tqdm
+
+    # Rank 0 looks at the folder and every worker follows its finding.
+    finding: tuple[str, Any] = ("start", None)
+    if workers.is_main:
+        try:
+            finding = RunFolder(run_dir).finding(cfg.as_dict(), resume)
+        except ValueError as e:
+            finding = ("error", str(e))
+    kind, detail = workers.from_main(finding)
+    if kind == "mismatch":
+        raise ConfigMismatch(detail)
+    if kind == "error":
+        raise ValueError(detail)
+    if kind == "finished":
+        return detail
+    run = _Run(cfg, data, run_dir, workers)
+    label = f"{cfg.spec} seed {cfg.seed}"
+
+    def say(text: str) -> None:
+        if not quiet and workers.is_main:
+            tqdm.write(f"[{label}] {text}", file=sys.stderr)
+
+    run.say = say
+    if kind == "resume":
+        _load_checkpoint(run)
+        say(f"resumed at epoch {run.epoch():.2f} (step {run.clock.step})")
+    else:
+        if workers.is_main:
+            run.folder.start()
+        run.eval_record(start_evals)
+    run.write_meta("running")
+    return run
+
+
+class _Progress:
+    """One tqdm bar on stderr for the runs training now: in steps when every run has an
+    epoch budget only, else in percent of the budget (a ``--minutes`` budget is reached
+    by the clock, so only the fraction of it has a total and an ETA)."""
+
+    def __init__(self, runs: list[_Run], enabled: bool, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.runs = runs
+        self.by_steps = all(r.cfg.minutes is None for r in runs)
+        total = (sum(r.total_steps for r in runs) if self.by_steps else 100.0 * len(runs))
+        self.bar = tqdm(total=total, initial=self._done(), desc=desc,
+                        unit="step" if self.by_steps else "%", file=sys.stderr,
+                        disable=not enabled, leave=False, dynamic_ncols=True,
+                        bar_format=None if self.by_steps else
+                        "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+
+    def _done(self) -> float:
+        if self.by_steps:
+            return sum(r.clock.step for r in self.runs)
+        return sum(100.0 * r.done_fraction() for r in self.runs)
+
+    def update(self, run: _Run) -> None:
+        if self.bar.disable:
+            return
+        self.bar.update(self._done() - self.bar.n)
+        last = run.clock.last_eval
+        if last is not None and last["train_loss"] is not None:
+            self.bar.set_postfix_str(f"{run.cfg.spec}: acc {100 * last['test_acc']:.2f}%",
+                                     refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train_runs(
+    cfgs: list[RunConfig],
+    data: ImageData,
+    run_dirs: list[str | os.PathLike],
+    *,
+    interleave: int | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    quiet: bool = False,
+    stop_after_steps: int | None = None,
+    workers: Workers | None = None,
+) -> list[dict[str, Any]]:
+    """Train several runs in this process; return their summaries (see :func:`train_run`).
+
+    ``interleave=None`` trains them one after another. ``interleave=N`` opens them all and
+    trains them round robin, ``N`` steps of one, then ``N`` of the next, so a change in the
+    machine's speed (another job, thermal throttling) falls on every method alike instead
+    of on whichever ran at that time. Each run keeps its own model, optimizer,
+    preconditioner, data generator, RNG state and clock, so its numbers are those of the
+    run alone; only the wall-clock order changes.
+    """
+    workers = workers or Workers.single()
+    if progress is None:
+        progress = sys.stderr.isatty()
+    progress = progress and workers.is_main
+    # The runs of one seed start from the same weights: their step-0 evaluation is one.
+    kw = {"resume": resume, "quiet": quiet, "workers": workers, "start_evals": {}}
+    summaries: list[dict[str, Any] | None] = [None] * len(cfgs)
+    if interleave is not None and interleave < 1:
+        raise ValueError(f"interleave must be None or an integer >= 1, got {interleave}")
+    if interleave is None or len(cfgs) == 1:
+        for i, (cfg, folder) in enumerate(zip(cfgs, run_dirs)):
+            run = _open_run(cfg, data, Path(folder), **kw)
+            if isinstance(run, dict):
+                summaries[i] = run
+                continue
+            bar = _Progress([run], progress, cfg.spec)
+            try:
+                run.advance(None, bar.update, stop_after_steps)
+            finally:
+                bar.close()
+            summaries[i] = run.finish()
+        return summaries
+    opened = [_open_run(cfg, data, Path(folder), **kw) for cfg, folder in zip(cfgs, run_dirs)]
+    runs = [r for r in opened if isinstance(r, _Run)]
+    bar = _Progress(runs, progress, "interleaved") if runs else None
+    try:
+        active = list(runs)
+        while active:
+            active = [r for r in active if r.advance(interleave, bar.update, stop_after_steps)]
+    finally:
+        if bar is not None:
+            bar.close()
+    return [r if isinstance(r, dict) else r.finish() for r in opened]
 
 
 def train_run(
@@ -381,110 +663,5 @@ def train_run(
     Raises:
         ConfigMismatch: ``resume`` and the folder holds a run with other settings.
     """
-    from tqdm.auto import tqdm
-
-    workers = workers or Workers.single()
-    run_dir = Path(run_dir)
-    # Rank 0 looks at the folder and every worker follows its finding.
-    finding: tuple[str, Any] = ("start", None)
-    if workers.is_main:
-        finding = _resume_finding(run_dir, cfg, resume)
-    kind, detail = workers.from_main(finding)
-    if kind == "mismatch":
-        raise ConfigMismatch(detail)
-    if kind == "finished":
-        return detail
-    run = _Run(cfg, data, run_dir, workers)
-    label = f"{cfg.spec} seed {cfg.seed}"
-
-    def say(text: str) -> None:
-        if not quiet and workers.is_main:
-            tqdm.write(f"[{label}] {text}", file=sys.stderr)
-
-    if kind == "resume":
-        run.load_checkpoint()
-        say(f"resumed at epoch {run.epoch():.2f} (step {run.clock.step})")
-    else:
-        if workers.is_main:
-            run.log_path.write_text("")
-            run.checkpoint_path.unlink(missing_ok=True)
-        run.eval_record()
-    run.write_meta("running")
-
-    if progress is None:
-        progress = sys.stderr.isatty()
-    bar = tqdm(total=run.total_steps, initial=run.clock.step, desc=cfg.spec, unit="step",
-               file=sys.stderr, disable=not (progress and workers.is_main), leave=False,
-               dynamic_ncols=True)
-    status = "done"
-    c = run.clock
-    try:
-        while run.budget_left():
-            loss = run.train_step()
-            bar.update(1)
-            if not math.isfinite(loss):
-                status = "diverged"
-                say(f"training loss became {loss} at step {c.step}; stopping this run")
-                break
-            c.loss_sum += loss
-            c.loss_count += 1
-            c.log_sum += loss
-            c.log_count += 1
-            if c.step % cfg.log_every == 0:
-                run.log({"kind": "train", "step": c.step, "epoch": round(run.epoch(), 6),
-                         "time": round(c.time, 6), "train_loss": c.log_sum / c.log_count,
-                         "lr": run.lr()})
-                c.log_sum, c.log_count = 0.0, 0
-            position = c.step % run.steps_per_epoch or run.steps_per_epoch
-            if position in run.eval_positions:
-                r = run.eval_record()
-                bar.set_postfix(acc=f"{100 * r['test_acc']:.2f}%", loss=f"{r['train_loss']:.3f}")
-                say(f"epoch {r['epoch']:.2f} step {r['step']} t={r['time']:.1f}s "
-                    f"train loss {r['train_loss']:.4f} test loss {r['test_loss']:.4f} "
-                    f"acc {100 * r['test_acc']:.2f}%")
-            if position == run.steps_per_epoch:
-                run.save_checkpoint()
-            if stop_after_steps is not None and c.step >= stop_after_steps:
-                raise KeyboardInterrupt(f"stopped after {c.step} steps (stop_after_steps)")
-    finally:
-        bar.close()
-    if status == "done" and (c.last_eval_step != c.step or c.last_eval is None):
-        run.eval_record()
-    last = c.last_eval
-    summary = {
-        "status": status,
-        "steps": c.step,
-        "epochs": run.epoch(),
-        "train_time": c.time,
-        "ms_per_iter": 1000 * c.time / max(1, c.step),
-        "test_acc": last["test_acc"] if status == "done" else None,
-        "test_loss": last["test_loss"] if status == "done" else None,
-        "final_train_loss": last["train_loss"] if status == "done" else None,
-    }
-    run.write_meta(status, summary)
-    return summary
-
-
-def _resume_finding(run_dir: Path, cfg: RunConfig, resume: bool) -> tuple[str, Any]:
-    """What the run folder says (rank 0 only; creates it): ``("finished", summary)``,
-    ``("mismatch", message)``, ``("resume", None)`` or ``("start", None)``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = run_dir / "meta.json"
-    if not resume:
-        return "start", None
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("config") != cfg.as_dict():
-            return "mismatch", (f"{run_dir} holds a run with other settings; use another --out "
-                                "or drop --resume")
-        if meta.get("status") in ("done", "diverged"):
-            return "finished", meta["summary"]
-    if (run_dir / "checkpoint.pt").exists():
-        return "resume", None
-    return "start", None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    return train_runs([cfg], data, [run_dir], resume=resume, progress=progress, quiet=quiet,
+                      stop_after_steps=stop_after_steps, workers=workers)[0]

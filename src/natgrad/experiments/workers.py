@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from natgrad.distributed import DataParallel, WorldInfo, init_from_env, world_from_env
 
-__all__ = ["LAUNCHED", "Workers", "check_batch", "run_local", "worker_argv"]
+__all__ = ["LAUNCHED", "PEER_LOST", "Workers", "check_batch", "lost_peer", "run_local",
+           "worker_argv"]
 
 T = TypeVar("T")
 
@@ -153,6 +154,19 @@ def check_batch(batch_size: int, processes: int) -> None:
 #: Set in the environment of the workers :func:`run_local` starts (their launcher speaks
 #: for them: one "interrupted" message, not one per worker).
 LAUNCHED = "NATGRAD_LAUNCHED_LOCALLY"
+#: Exit status of a launched worker whose collective failed because another worker is
+#: gone: it exits quietly and the launcher names the worker that failed first.
+PEER_LOST = 3
+
+
+def lost_peer(err: BaseException) -> bool:
+    """``err`` is a collective that failed because the other side went away."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer",
+                                  "Broken pipe", "gloo", "NCCL"))
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -203,11 +217,18 @@ def run_local(nproc: int, argv: list[str], *, poll_s: float = 0.2) -> int:
                 job.wait()
 
     try:
+        waited = 0.0
         while True:
             codes = [job.poll() for job in jobs]
             failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+            if failed and all(code == PEER_LOST for _, code in failed) and waited < 5.0:
+                # Only workers that lost a peer so far: give the cause a moment to show.
+                waited += poll_s
+                time.sleep(poll_s)
+                continue
             if failed:
-                rank, code = failed[0]
+                # The cause first: a worker killed by a signal, then any other failure.
+                rank, code = min(failed, key=lambda f: (f[1] >= 0, f[1] == PEER_LOST))
                 how = f"signal {-code}" if code < 0 else f"status {code}"
                 print(f"natgrad: worker {rank} of {nproc} ended with {how}; stopping the others",
                       file=sys.stderr)
