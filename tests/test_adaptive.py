@@ -288,3 +288,15 @@ def test_state_round_trip_with_adaptive_state_is_bit_exact(method):
     _train(model2, pre2, opt2, 6, 100)
     assert torch.equal(_flat_params(model2), expected)
     assert pre2.damping_policy.damping == pre.damping_policy.damping
+
+
+def test_adaptive_step_refused_under_data_parallelism():
+    """Each worker would solve for its own (α, μ) on its own rows: refused, not diverged."""
+    model = _mlp()
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    pre = natgrad.KFAC(model, opt, step_size="quadratic")
+    pre.distributed = object()  # any sharing: the check looks only at its presence
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="data parallelism"):
+        pre.step()

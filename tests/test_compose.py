@@ -173,3 +173,13 @@ def test_every_method_trains_with_builds_defaults(method):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_bench_runs_the_recommended_pairing_as_method_plus_plain():
+    from natgrad.experiments.methods import resolve
+
+    spec = resolve("kfac+plain")
+    hp = spec.bench_defaults()
+    assert hp["lr"] == 1.0 and hp["step_size"] == "quadratic" and hp["lm_damping"]
+    pre, opt = spec.build(tiny_cnn(), hp)
+    assert pre.config.step_size == "quadratic" and opt.defaults["momentum"] == 0

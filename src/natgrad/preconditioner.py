@@ -433,6 +433,13 @@ def check_ready(pre: Preconditioner, grads: Mapping[str, Tensor]) -> None:
             "step() found no gradient on any preconditioned layer: call loss.backward() "
             "before step()"
         )
+    adaptive = pre.config.step_size == "quadratic" or pre.config.lm_damping
+    if adaptive and pre.distributed is not None:
+        raise RuntimeError(
+            "step_size='quadratic' and lm_damping are not supported with data parallelism "
+            "yet (each worker would size its step on its own rows); use step_size='lr' and "
+            "lm_damping=False with distributed="
+        )
     if pre.config.kl_clip is not None and pre.optimizer is None:
         raise RuntimeError(
             "KL clipping (kl_clip set) needs the learning rate: pass optimizer= to the "
