@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in list(active):
             run.train(chunk)
             done = run.diverged
-            if (run.steps % args.eval_every == 0 and run.steps >= args.eval_from) or start >= len(order):
+            due = run.steps % args.eval_every == 0 and run.steps >= args.eval_from
+            if due or start >= len(order):
                 loss, acc = evaluate(run.model, data, min(args.test_size, len(data.y_test)))
                 record = {"step": run.steps, "seconds": run.seconds, "test_acc": 100 * acc,
                           "test_loss": loss,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -458,11 +457,13 @@ class QuadraticModel:
             for g in optimizer.param_groups
         )
         if not plain:
+            groups = [{k: g.get(k) for k in ("momentum", "weight_decay")}
+                      for g in optimizer.param_groups]
             raise ValueError(
                 "step_size='quadratic' computes the whole update (its own momentum "
                 "included): pair it with torch.optim.SGD(params, lr=1.0) without momentum "
                 f"or weight decay, got {type(optimizer).__name__} with "
-                f"{[{k: g.get(k) for k in ('momentum', 'weight_decay')} for g in optimizer.param_groups]}"
+                f"{groups}"
             )
 
     def update(self, step: int, grads: Mapping[str, Tensor], deltas: Mapping[str, Tensor],
