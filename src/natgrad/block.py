@@ -77,6 +77,18 @@ class LayerBlock:
         """``(d_out, d_in')`` of the gradient matrix ``∇W̄``."""
         return self.handler.shape(self.module)
 
+    def follow_parameters(self) -> None:
+        """Move the curvature and inverse state to the weight's device and to float32 or
+        wider of its dtype, when the model was moved or cast after the block was built
+        (``model.double()``, ``model.to(device)``)."""
+        weight = self.module.weight
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        for part in (self.curvature, self.inverse):
+            if part.dtype != dtype or part.device != weight.device:
+                state = part.state_dict()
+                part.dtype, part.device = dtype, weight.device
+                part.load_state_dict(state)
+
     # ------------------------------------------------------------------ gradients
     def grad_matrix(self) -> Tensor | None:
         """``∇W̄`` ``(d_out, d_in')`` from the parameters' ``.grad``; ``None`` if unset."""

@@ -73,6 +73,16 @@ def _append_ones(rows: Tensor) -> Tensor:
     return torch.cat([rows, ones], dim=-1)
 
 
+def _derived_weight(module: nn.Module) -> str | None:
+    """Why a ``weight`` that is not a parameter of the module cannot be preconditioned."""
+    if "weight" in module._parameters:
+        return None
+    return (
+        "its weight is computed from other parameters (weight_norm, a parametrization): "
+        "the gradient belongs to those, and Δ for the weight cannot be written there"
+    )
+
+
 class WeightBiasHandler:
     """Shared by layers whose parameters are a ``weight`` of shape ``(d_out, …)`` and an
     optional ``bias`` of shape ``(d_out,)``: how ``∇W̄ = [∇W, ∇b]`` is read and written."""
@@ -109,7 +119,7 @@ class LinearHandler(WeightBiasHandler):
     """``nn.Linear``: one row per sample, or per position for inputs ``(M, *S, d_in)``."""
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
-        return None
+        return _derived_weight(module)
 
     def input_rows(self, module: nn.Module, x: Tensor) -> Tensor:
         rows = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
@@ -180,6 +190,8 @@ class Conv2dHandler(WeightBiasHandler):
     """``nn.Conv2d`` (KFC): rows are unfolded patches, one per sample and output position."""
 
     kind = "convolution"
+    #: Inputs are ``(M, c_in, H, W)``: samples are dimension 0, whatever ``batch_dim`` says.
+    fixed_batch_dim = 0
 
     def _padding(self, module: nn.Conv2d) -> tuple[int, int] | None:
         if module.padding == "valid":
@@ -189,6 +201,8 @@ class Conv2dHandler(WeightBiasHandler):
         return tuple(module.padding)
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
+        if _derived_weight(module):
+            return _derived_weight(module)
         if module.groups != 1:
             return f"grouped convolution (groups={module.groups}); only groups=1 is supported"
         if module.padding_mode != "zeros":

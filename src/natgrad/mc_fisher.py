@@ -22,13 +22,13 @@ LIKELIHOODS = ("categorical", "gaussian")
 
 def sample_targets(outputs: Tensor, likelihood: str, generator: torch.Generator) -> Tensor:
     """Targets drawn from the model's predictive distribution: ``"categorical"`` (logits
-    ``(M, C)`` → class indices ``(M,)``) or ``"gaussian"`` (unit-variance means, same shape
-    as ``outputs``)."""
+    ``(M, C)`` or ``(M, T, C)`` → class indices ``(M,)`` or ``(M, T)``) or ``"gaussian"``
+    (unit-variance means, same shape as ``outputs``)."""
     with torch.no_grad():
         if likelihood == "categorical":
-            probs = F.softmax(outputs.detach().float().cpu(), dim=-1)
-            target = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            return target.to(outputs.device)
+            probs = F.softmax(outputs.detach().float().cpu().flatten(0, -2), dim=-1)
+            target = torch.multinomial(probs, 1, generator=generator)
+            return target.reshape(outputs.shape[:-1]).to(outputs.device)
         noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype)
         return outputs.detach() + noise.to(outputs.device)
 
@@ -40,19 +40,18 @@ def backpropagate_sampled_targets(
     capture: LayerCapture,
     params: Sequence[nn.Parameter],
 ) -> None:
-    """Sample targets, then backpropagate their loss (reduced like the training loss) to
-    ``params`` with ``capture`` recording the output gradients; keeps the graph."""
+    """Sample targets, then backpropagate their summed loss to ``params`` with ``capture``
+    recording the output gradients as per-sample gradients; keeps the graph.
+
+    The loss is a sum (each sample's gradient as it is, whatever the training loss's
+    reduction), so that passes accumulated over micro-batches need no rescaling.
+    """
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
     target = sample_targets(outputs, likelihood, generator)
     if likelihood == "categorical":
-        loss = F.cross_entropy(outputs, target, reduction=capture.loss_reduction)
+        loss = F.cross_entropy(outputs.flatten(0, -2), target.flatten(), reduction="sum")
     else:
         loss = 0.5 * F.mse_loss(outputs, target, reduction="sum")
-        if capture.loss_reduction == "mean":
-            loss = loss / outputs.shape[0]
-    capture.record_grads = True
-    try:
+    with capture.per_sample_grads():
         torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
-    finally:
-        capture.record_grads = False

@@ -22,12 +22,14 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .adaptive import LevenbergMarquardt, QuadraticModel
+from .batching import resolve_batch_dims
 from .block import LayerBlock
 from .capture import LayerCapture, LayerStats
 from .clipping import KLClipping, learning_rates
@@ -40,8 +42,10 @@ from .errors import (  # noqa: F401 - re-exported: natgrad.preconditioner.*Warni
     UnsupportedLayerWarning,
     WarnOnce,
 )
+from .gate import StepGate
 from .inverses import InverseStrategy
 from .mc_fisher import backpropagate_sampled_targets
+from .resume import check_fixed_settings, check_layer_state
 from .schedule import Schedule
 from .selection import select_layers
 from .sharing import Local, Sharing
@@ -65,6 +69,8 @@ class Preconditioner(ABC):
             ``"mc"`` (Monte-Carlo "true" Fisher: call :meth:`sample_fisher` on the
             model's outputs before ``loss.backward()``).
         loss_reduction: ``"mean"`` (the loss is a batch mean; default) or ``"sum"``.
+        batch_dim: the dimension of layer inputs that indexes samples (natgrad/batching.py).
+        grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop (natgrad/amp.py).
         seed: seed of the generator that samples labels for ``fisher="mc"``.
         distributed: a :class:`natgrad.distributed.DataParallel` sharing statistics and
             inverse work across workers (docs/distributed.md); ``None``: this process.
@@ -88,6 +94,8 @@ class Preconditioner(ABC):
         exclude: Iterable[str | type[nn.Module]] = (),
         fisher: str = "empirical",
         loss_reduction: str = "mean",
+        batch_dim: int | Mapping[str, int] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         seed: int = 0,
         distributed: Sharing | None = None,
         **hyperparameters: Any,
@@ -101,6 +109,7 @@ class Preconditioner(ABC):
         self._clipping = KLClipping()
         self._faults = WarnOnce()
         self._generator = torch.Generator().manual_seed(seed)
+        self._gate = StepGate(grad_scaler)
 
         chosen, self.skipped = select_layers(model, exclude, owner=type(self).__name__)
         self.layers: dict[str, LayerBlock] = {
@@ -108,11 +117,7 @@ class Preconditioner(ABC):
         }
         self.quadratic_model = QuadraticModel(model, self.layers, loss_reduction, self.config)
         self.damping_policy: DampingPolicy = damping_policy(self)
-        self._capture = LayerCapture(
-            {n: (block.module, block.handler) for n, block in self.layers.items()},
-            loss_reduction,
-        )
-        self._capture.record_grads = fisher == "empirical"
+        self._capture = make_capture(model, self.layers, fisher, loss_reduction, batch_dim)
         if optimizer is not None:
             self.attach(optimizer)
         self.distributed = distributed
@@ -181,10 +186,10 @@ class Preconditioner(ABC):
     # ------------------------------------------------------------------ Monte-Carlo Fisher
     def sample_fisher(self, outputs: Tensor, likelihood: str = "categorical") -> None:
         """Record output gradients for the Monte-Carlo ("true") Fisher: call it after the
-        forward pass, before ``loss.backward()``, with the model's outputs (``"categorical"``:
-        logits ``(M, C)``; ``"gaussian"``: unit-variance means). See natgrad/mc_fisher.py;
-        ``.grad`` is not touched. A no-op when no statistics are recorded this step, and
-        when ``fisher="empirical"``."""
+        forward pass, before ``loss.backward()``, with the model's outputs (logits ``(M, C)``
+        or ``(M, T, C)``, or unit-variance means; natgrad/mc_fisher.py). ``.grad`` is not
+        touched. A no-op when no statistics are recorded this step or fisher="empirical"."""
+        self._gate.note_sampled()
         if self.fisher != "mc" or not self._capture.active:
             return
         params = [p for block in self.layers.values() for p in block.module.parameters()]
@@ -195,28 +200,25 @@ class Preconditioner(ABC):
         """Update curvature/inverses on schedule and rewrite ``.grad`` into ``Δ``.
 
         Raises:
-            RuntimeError: no handled parameter has a gradient (call ``loss.backward()``
-                first), or KL clipping is on and no optimizer is attached.
+            RuntimeError: no gradient (call ``loss.backward()`` first), KL clipping without
+                an optimizer, or a misuse natgrad/gate.py lists (a second step for one
+                backward, a step after remove(), fisher="mc" without sample_fisher()).
         """
-        grads = self.grad_matrices()
-        check_ready(self, grads)
+        grads, scale = begin_step(self)
+        if scale is None:  # skipped (natgrad/gate.py): no statistics, .grad as it is
+            return
         step, config = self.steps, self.config
         refresh = self.schedule.refreshes(config, step)
-        stats = self._capture.pop() if self._capture.active else {}
+        stats = self._capture.pop(loss_scale=scale) if self._capture.active else {}
         if self.schedule.updates_curvature(config, step):
             self._update_curvature(stats)
         damping = self.damping_policy.resolve(config, self.layers, refresh)
         if refresh:
-            self._refresh_all(damping[0])
-        decay = self.observe_decay()
-        for name, block in self.layers.items():
-            observes = self.schedule.observes(config, step, block.inverse)
-            if name in stats and observes and block.inverse.ready:
-                block.observe(stats[name], decay, self._sharing.observation(block.inverse))
+            self._sharing.refresh(self.layers, damping[0])
+        observe_all(self, stats, step)
         deltas = self._sharing.precondition(self.layers, grads, *damping)
         deltas = step_size(self, step, grads, deltas, damping[0])
-        for name, delta in deltas.items():
-            self.layers[name].write_grad_matrix(delta)
+        write_deltas(self, deltas)
         self.schedule.stale = False
         self.damping_policy.observe_step(StepRecord(step, self.layers, grads, deltas, refresh,
                                                     damping))
@@ -228,9 +230,6 @@ class Preconditioner(ABC):
             if name in stats:
                 update = self._sharing.curvature_update(block.curvature)
                 block.fold(stats[name], self.config.decay, update)
-
-    def _refresh_all(self, dampings: Mapping[str, float]) -> None:
-        self._sharing.refresh(self.layers, dampings)
 
     @property
     def kl_scale(self) -> float:
@@ -279,10 +278,15 @@ class Preconditioner(ABC):
         curvatures = {name: block.curvature for name, block in self.layers.items()}
         return {name: c.factors() for name, c in curvatures.items() if c.initialized}
 
+    def paused(self) -> AbstractContextManager[None]:
+        """``with preconditioner.paused():`` records no pass in the block (natgrad/capture.py)."""
+        return self._capture.paused()
+
     def remove(self) -> None:
-        """Remove every hook from the model (the preconditioner is unusable after)."""
+        """Remove every hook from the model; :meth:`step` then raises."""
         self._capture.remove()
         self.quadratic_model.remove()
+        self._gate.removed = True
 
     def __repr__(self) -> str:
         return describe(self)
@@ -294,8 +298,8 @@ class Preconditioner(ABC):
         return save_state(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; layer names must match this model's."""
-        check_state(state, type(self).__name__, self.layers)
+        """Restore :meth:`state_dict` output, all checked first (:func:`check_loadable`)."""
+        check_loadable(self, state)
         old, self.config = self.config, self.config_class(**state["config"])
         resync_adaptive(self, old, self.config, rebuild=True)
         load_state(self, state)
@@ -320,6 +324,84 @@ def describe(pre: Preconditioner) -> str:
         lines.append("  ],")
     lines.append(")")
     return "\n".join(lines)
+
+
+def begin_step(pre: Preconditioner) -> tuple[dict[str, Tensor], float | None]:
+    """The gradient matrices and the loss scale of :meth:`Preconditioner.step`, after the
+    checks of natgrad/gate.py; scale ``None``: the step is skipped (and is left so)."""
+    for block in pre.layers.values():
+        block.follow_parameters()  # model.double() / .to(device) after building
+    grads = pre.grad_matrices()
+    needs_samples = pre.fisher == "mc" and pre._capture.active
+    scale = pre._gate.open(param_grads(pre.layers), grads, pre.optimizer, needs_samples)
+    check_ready(pre, grads)
+    if scale is None:
+        pre._capture.clear()
+        pre._gate.close(param_grads(pre.layers))
+    elif pre._capture.active:
+        warn_uncalled(pre._faults, grads, pre._capture.called)
+    return grads, scale
+
+
+def observe_all(pre: Preconditioner, stats: Mapping[str, LayerStats], step: int) -> None:
+    """Fold the batch into what each inverse fits in its own basis (EKFAC's ``S``), on the
+    inverse's schedule, once it is ready."""
+    decay = pre.observe_decay()
+    for name, block in pre.layers.items():
+        observes = pre.schedule.observes(pre.config, step, block.inverse)
+        if name in stats and observes and block.inverse.ready:
+            block.observe(stats[name], decay, pre._sharing.observation(block.inverse))
+
+
+def write_deltas(pre: Preconditioner, deltas: Mapping[str, Tensor]) -> None:
+    """``.grad ← Δ``; the gate remembers the gradients as this step leaves them."""
+    for name, delta in deltas.items():
+        pre.layers[name].write_grad_matrix(delta)
+    pre._gate.close(param_grads(pre.layers))
+
+
+def param_grads(layers: Mapping[str, LayerBlock]) -> dict[str, list[Tensor | None]]:
+    """``{layer name: the .grad of each of its parameters}`` (natgrad/gate.py)."""
+    return {name: [p.grad for p in b.module.parameters()] for name, b in layers.items()}
+
+
+def make_capture(
+    model: nn.Module,
+    layers: Mapping[str, LayerBlock],
+    fisher: str,
+    loss_reduction: str,
+    batch_dim: int | Mapping[str, int] | None,
+) -> LayerCapture:
+    """The hooks on ``layers`` (``model``'s passes delimit a tied layer's uses), each
+    reading samples from its batch dimension (natgrad/batching.py)."""
+    batch_dims = resolve_batch_dims(model, layers, batch_dim)
+    for name, dim in batch_dims.items():
+        fixed = getattr(layers[name].handler, "fixed_batch_dim", None)
+        if fixed is not None and dim != fixed:
+            kind = type(layers[name].module).__name__
+            raise ValueError(
+                f"batch_dim={dim} for layer {name!r} ({kind}): its inputs have the batch "
+                f"in dimension {fixed}"
+            )
+    modules = {n: (block.module, block.handler) for n, block in layers.items()}
+    capture = LayerCapture(modules, loss_reduction, root=model, batch_dims=batch_dims)
+    capture.record_grads = fisher == "empirical"  # the MC Fisher records its own backward
+    return capture
+
+
+def warn_uncalled(faults: WarnOnce, grads: Mapping[str, Tensor], called: set[str]) -> None:
+    """Warn once per layer that has a gradient although its module was never called."""
+    for name in grads:
+        if name not in called:
+            faults.warn(
+                name,
+                "uncalled",
+                f"layer {name!r} has a gradient but its module was never called (its "
+                "weight used directly, e.g. F.linear(x, layer.weight)): natgrad cannot "
+                "see its inputs, so its gradient is not preconditioned (only KL-clipped); "
+                "exclude it to say so",
+                UnsupportedLayerWarning,
+            )
 
 
 def check_arguments(model: nn.Module, fisher: str, loss_reduction: str) -> None:
@@ -360,6 +442,20 @@ def load_state(pre: Preconditioner, state: Mapping[str, Any]) -> None:
     if pre.damping_policy.state_key is not None:
         pre.damping_policy.load_state_dict(state.get(pre.damping_policy.state_key))
     pre.quadratic_model.load_state_dict(state.get("quadratic_step"))
+
+
+def check_loadable(pre: Preconditioner, state: Mapping[str, Any]) -> None:
+    """Every check of :meth:`Preconditioner.load_state_dict`, before it changes anything:
+    version, method, layer names, config, fixed settings, each layer's state and shapes."""
+    check_state(state, type(pre).__name__, pre.layers)
+    missing = sorted({"steps", "stale", "config", "generator"} - set(state))
+    if missing:
+        raise ValueError(f"state is missing {missing}: not a complete state_dict()")
+    pre.config_class(**state["config"])
+    check_fixed_settings(state["config"], pre.config.as_dict(), pre.fixed_fields)
+    for name, block in pre.layers.items():
+        saved = state["layers"][name]
+        check_layer_state(name, block.shape, block.curvature, block.inverse, saved)
 
 
 def check_state(state: Mapping[str, Any], method: str, layers: Iterable[str]) -> None:
