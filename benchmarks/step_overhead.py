@@ -42,6 +42,20 @@ from natgrad.experiments.data import DatasetMissing, fashion_mnist
 from natgrad.experiments.models import fmnist_cnn
 
 
+#: Build each method with ``natgrad.build(name, model)``'s recommended pairing
+#: (``--recommended``) instead of behind SGD-momentum at ``--lr``.
+RECOMMENDED = False
+#: Where models and batches live (``--device``).
+DEVICE = torch.device("cpu")
+
+
+def _now() -> float:
+    """Wall time, after the device's queued work is done (CUDA runs asynchronously)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return time.perf_counter()
+
+
 def batches(n: int, batch_size: int, seed: int = 0):
     """Real Fashion-MNIST batches when the files are there, else random ones of its shape."""
     g = torch.Generator().manual_seed(seed)
@@ -54,7 +68,7 @@ def batches(n: int, batch_size: int, seed: int = 0):
         )
     for _ in range(n):
         idx = torch.randint(0, len(y), (batch_size,), generator=g)
-        yield x[idx], y[idx]
+        yield x[idx].to(DEVICE), y[idx].to(DEVICE)
 
 
 class Split:
@@ -69,11 +83,11 @@ class Split:
         seconds = self.seconds
 
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = _now()
             try:
                 return original(*args, **kwargs)
             finally:
-                seconds[phase] += time.perf_counter() - t0
+                seconds[phase] += _now() - t0
 
         self._patches.append((owner, attr, original))
         setattr(owner, attr, timed)
@@ -86,7 +100,7 @@ class Split:
 
 def time_sgd(data, steps: int, lr: float) -> float:
     torch.manual_seed(0)
-    model = fmnist_cnn()
+    model = fmnist_cnn().to(DEVICE)
     _, opt = natgrad.build("sgd", model, lr=lr)
     return _loop(model, None, opt, data, steps, warmup=5)[0]
 
@@ -102,29 +116,29 @@ def _loop(model, pre, opt, data, steps, warmup, split: Split | None = None, twin
     twin_seconds = 0.0
     for i in range(warmup + steps):
         if i == warmup:
-            t0 = time.perf_counter()
+            t0 = _now()
             twin_seconds = 0.0
             if split is not None:
                 split.seconds.clear()
         x, y = next(it)
         opt.zero_grad(set_to_none=True)
         if split is not None:
-            tf = time.perf_counter()
+            tf = _now()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         if split is not None:
-            split.seconds["forward+backward"] += time.perf_counter() - tf
+            split.seconds["forward+backward"] += _now() - tf
         if pre is not None:
             pre.step()
         opt.step()
         if twin is not None and i >= warmup:
-            tt = time.perf_counter()
+            tt = _now()
             twin_model, twin_opt = twin
             twin_opt.zero_grad(set_to_none=True)
             F.cross_entropy(twin_model(x), y).backward()
             twin_opt.step()
-            twin_seconds += time.perf_counter() - tt
-    total = time.perf_counter() - t0 - twin_seconds
+            twin_seconds += _now() - tt
+    total = _now() - t0 - twin_seconds
     return total / steps * 1e3, loss.item(), twin_seconds / steps * 1e3
 
 
@@ -141,15 +155,18 @@ def method_cycles(name: str, data, lr: float, overrides: dict):
     interleaved step by step, so that the ratio of the two is measured under one load.
     """
     torch.manual_seed(0)
-    model = fmnist_cnn()
-    pre, opt = natgrad.build(f"{name}+sgd", model, lr=lr, **overrides)
+    model = fmnist_cnn().to(DEVICE)
+    if RECOMMENDED:
+        pre, opt = natgrad.build(name, model, **overrides)
+    else:
+        pre, opt = natgrad.build(f"{name}+sgd", model, lr=lr, **overrides)
     cycle = pre.config.T_inv
     # Warm up through a full cycle first, so that every timed cycle is a steady-state one
     # that starts with an inverse update (step T_inv) like every later cycle.
     _loop(model, pre, opt, data, cycle, warmup=0)
     layer = next(iter(pre.layers.values()))
     torch.manual_seed(0)
-    twin_model = fmnist_cnn()
+    twin_model = fmnist_cnn().to(DEVICE).to(DEVICE)
     twin = (twin_model, natgrad.build("sgd", twin_model, lr=lr)[1])
     _loop(twin_model, None, twin[1], data, 5, warmup=0)
     yield {"pre": pre, "model": model}
@@ -201,9 +218,9 @@ def per_layer_costs(pre, model, data, repeats: int = 3) -> dict:
 def _best(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _now()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((_now() - t0) * 1e3)
     return min(times)
 
 
@@ -216,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument(
+        "--recommended", action="store_true",
+        help="time each method as natgrad.build(name, model) pairs it (quadratic-model "
+        "step, Levenberg-Marquardt damping, warm start, plain SGD) instead of behind "
+        "SGD-momentum at --lr",
+    )
     parser.add_argument("--sgd-steps", type=int, default=50)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument(
@@ -234,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE, RECOMMENDED
+    DEVICE, RECOMMENDED = torch.device(args.device), args.recommended
     if args.repeats < 1:
         parser.error(f"--repeats: must be at least 1, got {args.repeats}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -293,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "threads": args.threads,
         "repeats": args.repeats,
+        "device": args.device,
+        "recommended": args.recommended,
         "sgd_ms_per_iter": sgd,
         "sgd_ms_per_iter_blocks": sgd_blocks,
         "methods": results,

@@ -248,9 +248,12 @@ def test_presets_set_paper_settings(tmp_path, capsys):
                  "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["batch_size"] == 32  # the command line beats the preset
-    assert plan["hyperparameters"]["kfac"] == {
+    shown = plan["hyperparameters"]["kfac"]
+    expected = {
         "lr": 0.01, "weight_decay": 3e-4, "damping": 0.03, "decay": 0.95, "T_cov": 10,
-        "T_inv": 100, "kl_clip": 1e-2, "inverse": "factored"}  # config defaults shown too
+        "T_inv": 100, "kl_clip": 1e-2, "inverse": "factored", "step_size": "lr",
+        "lm_damping": False, "warm_start": []}  # config defaults shown too
+    assert {k: shown[k] for k in expected} == expected
     assert any("T_s=10 ignored" in n for n in plan["notes"])  # K-FAC has no T_s
 
 

@@ -121,3 +121,65 @@ def test_methods_train_on_digits():
         with torch.no_grad():
             after = F.cross_entropy(model(x), y).item()
         assert after < 0.5 * before, (method, before, after)
+
+
+# ---------------------------------------------------------------------- build's defaults
+def test_build_without_lr_returns_the_recommended_pairing():
+    model = tiny_cnn()
+    pre, opt = natgrad.build("ekfac", model)
+    assert type(opt) is torch.optim.SGD and opt.defaults["lr"] == 1.0
+    assert opt.defaults["momentum"] == 0
+    assert pre.optimizer is opt
+    for key, value in natgrad.compose.RECOMMENDED.items():
+        assert getattr(pre.config, key) == value
+    assert pre.config.damping == natgrad.EKFAC.config_class().damping  # the method's own
+    # Explicit settings win over the recommended ones.
+    pre, _ = natgrad.build("kfac", tiny_cnn(), lm_damping=False, damping=0.3)
+    assert not pre.config.lm_damping and pre.config.damping == 0.3
+
+
+def test_build_defaults_per_rule_and_the_old_form_with_lr():
+    pre, opt = natgrad.build("kfac+adam", tiny_cnn())
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == 1e-3
+    assert pre.config.step_size == "lr"
+    pre, opt = natgrad.build("skfac+sgd", tiny_cnn())
+    assert opt.defaults["lr"] == 0.05 and opt.defaults["momentum"] == 0.9
+    for key, value in natgrad.compose.MOMENTUM_SETTINGS.items():
+        assert getattr(pre.config, key) == value
+    # With an lr, a bare method is method+sgd with the class defaults, as before.
+    pre, opt = natgrad.build("kfac", tiny_cnn(), lr=0.02)
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["lr"] == 0.02
+    assert pre.config == natgrad.KFAC.config_class()
+    _, opt = natgrad.build("adam", tiny_cnn())
+    assert opt.defaults["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("method", sorted(natgrad.METHODS))
+def test_every_method_trains_with_builds_defaults(method):
+    """A smoke check (the measured targets are in benchmarks/untuned_digits.py): 30 steps
+    on one fixed batch lower the loss by more than half, nothing non-finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 4))
+    pre, opt = natgrad.build(method, model, curvature_samples=16)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 64, generator=g), torch.randint(0, 4, (32,), generator=g)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        pre.step()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_bench_runs_the_recommended_pairing_as_method_plus_plain():
+    from natgrad.experiments.methods import resolve
+
+    spec = resolve("kfac+plain")
+    hp = spec.bench_defaults()
+    assert hp["lr"] == 1.0 and hp["step_size"] == "quadratic" and hp["lm_damping"]
+    pre, opt = spec.build(tiny_cnn(), hp)
+    assert pre.config.step_size == "quadratic" and opt.defaults["momentum"] == 0

@@ -21,7 +21,7 @@ from .linalg import kl_clip_scale
 __all__ = ["CLIP_STREAK_WARNING", "KLClipping", "kl_term", "learning_rates"]
 
 #: Consecutive clipped steps after which :class:`ClippingWarning` is issued (once).
-CLIP_STREAK_WARNING = 200
+CLIP_STREAK_WARNING = 20
 
 
 def learning_rates(

@@ -3,6 +3,12 @@
 A spec is ``"<method>+<rule>"``, ``"<method>"`` (the rule defaults to SGD with momentum)
 or ``"<rule>"`` alone (no preconditioner: a first-order baseline). Methods come from
 :data:`natgrad.METHODS`, rules from :data:`UPDATE_RULES`.
+
+With no learning rate, :func:`build` returns the recommended pairing (docs/defaults.md):
+a bare method name gets :data:`RECOMMENDED` (the quadratic-model step with
+Levenberg–Marquardt damping and a warm start, behind plain SGD at lr 1); a
+``"method+rule"`` or a rule alone gets :data:`DEFAULT_LR` for its rule, and a method behind
+momentum SGD also :data:`MOMENTUM_SETTINGS`.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from torch import nn
 from .preconditioner import Preconditioner
 from .registry import METHODS
 
-__all__ = ["UPDATE_RULES", "parse_spec", "build"]
+__all__ = ["UPDATE_RULES", "DEFAULT_LR", "RECOMMENDED", "MOMENTUM_SETTINGS", "parse_spec",
+           "build"]
 
 #: Update rule name → factory ``(params, lr, weight_decay) → optimizer``. ``sgd`` is
 #: SGD with momentum 0.9 (the papers' SGDM); ``nag`` the same with Nesterov momentum.
@@ -33,7 +40,36 @@ UPDATE_RULES: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "radam": lambda params, lr, weight_decay=0.0: torch.optim.RAdam(
         params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
     ),
+    "plain": lambda params, lr, weight_decay=0.0: torch.optim.SGD(
+        params, lr=lr, weight_decay=weight_decay
+    ),
 }
+
+#: Learning rate :func:`build` uses when given none, by update rule (``plain`` behind the
+#: quadratic-model step: 1.0 applies the model's step exactly).
+DEFAULT_LR: dict[str, float] = {"sgd": 0.05, "nag": 0.05, "adam": 1e-3, "radam": 1e-3,
+                                "plain": 1.0}
+
+#: Extra inverse refreshes in the first ``T_inv = 100`` steps (docs/defaults.md).
+WARM_START = tuple(range(10, 100, 10))
+
+#: What ``build(method, model)`` sets for every method (any of them trains with it on
+#: the digits MLP and the Fashion-MNIST CNN without tuning; docs/defaults.md), behind
+#: ``plain`` SGD at lr 1. ``kl_clip`` only bounds a step the model cannot size.
+RECOMMENDED: dict[str, Any] = {
+    "step_size": "quadratic",
+    "step_momentum": True,
+    "curvature_samples": 32,
+    "lm_damping": True,
+    "T_lm": 5,
+    "warm_start": WARM_START,
+    "kl_clip": 1e-3,
+}
+
+#: Settings a method gets from ``build`` behind SGD(-Nesterov) momentum when no lr is
+#: given: the papers' damping 1e-3 diverges there at lr 0.05 for several methods;
+#: ``λ = 0.1`` with ``κ = 1e-3`` trains (docs/defaults.md).
+MOMENTUM_SETTINGS: dict[str, Any] = {"damping": 0.1, "kl_clip": 1e-3, "warm_start": WARM_START}
 
 
 def parse_spec(spec: str) -> tuple[str | None, str]:
@@ -69,7 +105,7 @@ def build(
     spec: str,
     model: nn.Module,
     *,
-    lr: float,
+    lr: float | None = None,
     weight_decay: float = 0.0,
     params: Iterable[torch.nn.Parameter] | None = None,
     **method_kwargs: Any,
@@ -77,9 +113,24 @@ def build(
     """Build ``(preconditioner or None, optimizer)`` for a spec.
 
     ``method_kwargs`` go to the method's constructor (its config fields, ``exclude``,
-    ``fisher``...). The preconditioner is attached to the optimizer for KL clipping.
+    ``fisher``...) and win over any recommended setting. The preconditioner is attached to
+    the optimizer. With ``lr=None``: a bare method name gets the recommended pairing
+    (:data:`RECOMMENDED` behind ``plain`` SGD at lr 1); otherwise the rule's
+    :data:`DEFAULT_LR`, plus :data:`MOMENTUM_SETTINGS` for a method behind momentum SGD.
+    With an ``lr``, a bare method name is ``"<method>+sgd"`` and only ``method_kwargs``
+    apply, as before.
     """
     method, rule = parse_spec(spec)
+    settings: dict[str, Any] = {}
+    if lr is None:
+        bare = method is not None and "+" not in spec
+        if bare:
+            rule, settings = "plain", dict(RECOMMENDED)
+        elif method is not None and rule in ("sgd", "nag"):
+            settings = dict(MOMENTUM_SETTINGS)
+        elif method is not None and rule == "plain":
+            settings = dict(RECOMMENDED)
+        lr = DEFAULT_LR[rule]
     optimizer = UPDATE_RULES[rule](
         list(model.parameters() if params is None else params), lr=lr, weight_decay=weight_decay
     )
@@ -89,4 +140,4 @@ def build(
                 f"{spec!r} has no method; got method arguments {sorted(method_kwargs)}"
             )
         return None, optimizer
-    return METHODS[method](model, optimizer, **method_kwargs), optimizer
+    return METHODS[method](model, optimizer, **{**settings, **method_kwargs}), optimizer

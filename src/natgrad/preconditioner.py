@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .adaptive import LevenbergMarquardt, QuadraticModel
 from .batching import resolve_batch_dims
 from .block import LayerBlock
 from .capture import LayerCapture, LayerStats
@@ -60,9 +61,8 @@ class Preconditioner(ABC):
     Args:
         model: the network. Every ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) not
             excluded is preconditioned; other parameters are left to the optimizer.
-        optimizer: the ``torch.optim`` optimizer that steps after :meth:`step`; needed
-            for KL clipping (it reads each parameter group's ``lr``). Can be attached
-            later with :meth:`attach`.
+        optimizer: the ``torch.optim`` optimizer stepping after :meth:`step` (KL clipping
+            reads its groups' ``lr``); or attach it later with :meth:`attach`.
         exclude: module qualified names (``fnmatch`` patterns, e.g. ``"head.*"``) or
             module types to leave to the optimizer unpreconditioned.
         fisher: ``"empirical"`` (output gradients of the training loss; free) or
@@ -72,9 +72,8 @@ class Preconditioner(ABC):
         batch_dim: the dimension of layer inputs that indexes samples (natgrad/batching.py).
         grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop (natgrad/amp.py).
         seed: seed of the generator that samples labels for ``fisher="mc"``.
-        distributed: a :class:`natgrad.distributed.DataParallel` to share statistics and
-            inverse work across data-parallel workers (docs/distributed.md); ``None``:
-            this process alone.
+        distributed: a :class:`natgrad.distributed.DataParallel` sharing statistics and
+            inverse work across workers (docs/distributed.md); ``None``: this process.
         **hyperparameters: fields of the method's config (see ``config_class``).
 
     Attributes:
@@ -116,7 +115,8 @@ class Preconditioner(ABC):
         self.layers: dict[str, LayerBlock] = {
             name: LayerBlock.build(name, *chosen[name], self, self._faults) for name in chosen
         }
-        self.damping_policy: DampingPolicy = self.make_damping()
+        self.quadratic_model = QuadraticModel(model, self.layers, loss_reduction, self.config)
+        self.damping_policy: DampingPolicy = damping_policy(self)
         self._capture = make_capture(model, self.layers, fisher, loss_reduction, batch_dim)
         if optimizer is not None:
             self.attach(optimizer)
@@ -168,12 +168,14 @@ class Preconditioner(ABC):
         stale = self.damping_policy.configure(old, new)  # e.g. TKFAC's trace_floor
         if stale or new.damping != old.damping or new.T_inv != old.T_inv:
             self.schedule.stale = True
+        resync_adaptive(self, old, new)
         self._sync(keep_recording=True)
 
     def _sync(self, *, keep_recording: bool = False) -> None:
         """The one synchronisation point: per-layer settings, then whether the next
         forward/backward pass records rows (``keep_recording``: never switch it off)."""
         self.sync_layers()
+        self.quadratic_model.arm(self.config, self.steps)
         wanted = self._wants_stats(self.steps)
         self._capture.active = wanted or (keep_recording and self._capture.active)
 
@@ -216,15 +218,13 @@ class Preconditioner(ABC):
         observe_all(self, stats, step)
         damping = self.damping_policy.settle(config, self.layers, refresh, damping)
         deltas = self._sharing.precondition(self.layers, grads, *damping)
-        if config.kl_clip is not None:
-            lrs = learning_rates(self.optimizer, {n: b.module for n, b in self.layers.items()})
-            deltas = self._clipping.clip(config.kl_clip, deltas, grads, lrs)
+        deltas = step_size(self, step, grads, deltas, damping[0])
         write_deltas(self, deltas)
         self.schedule.stale = False
+        self.damping_policy.observe_step(StepRecord(step, self.layers, grads, deltas, refresh,
+                                                    damping))
         self.steps += 1
         self._sync()
-        record = StepRecord(step, self.layers, grads, deltas, refresh, damping)
-        self.damping_policy.observe_step(record)
 
     def _update_curvature(self, stats: Mapping[str, LayerStats]) -> None:
         for name, block in self.layers.items():
@@ -286,6 +286,7 @@ class Preconditioner(ABC):
     def remove(self) -> None:
         """Remove every hook from the model; :meth:`step` then raises."""
         self._capture.remove()
+        self.quadratic_model.remove()
         self._gate.removed = True
 
     def __repr__(self) -> str:
@@ -300,7 +301,8 @@ class Preconditioner(ABC):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output, all checked first (:func:`check_loadable`)."""
         check_loadable(self, state)
-        self.config = self.config_class(**state["config"])
+        old, self.config = self.config, self.config_class(**state["config"])
+        resync_adaptive(self, old, self.config, rebuild=True)
         load_state(self, state)
         self._capture.clear()
         self._sync()
@@ -427,6 +429,7 @@ def save_state(pre: Preconditioner) -> dict[str, Any]:
     }
     if policy.state_key is not None:
         state[policy.state_key] = policy.state_dict()
+    state["quadratic_step"] = pre.quadratic_model.state_dict()
     return state
 
 
@@ -439,6 +442,7 @@ def load_state(pre: Preconditioner, state: Mapping[str, Any]) -> None:
     pre._generator.set_state(state["generator"])
     if pre.damping_policy.state_key is not None:
         pre.damping_policy.load_state_dict(state.get(pre.damping_policy.state_key))
+    pre.quadratic_model.load_state_dict(state.get("quadratic_step"))
 
 
 def check_loadable(pre: Preconditioner, state: Mapping[str, Any]) -> None:
@@ -471,12 +475,67 @@ def check_state(state: Mapping[str, Any], method: str, layers: Iterable[str]) ->
         )
 
 
+def damping_policy(pre: Preconditioner) -> DampingPolicy:
+    """The method's :meth:`~Preconditioner.make_damping` policy, under
+    :class:`~natgrad.adaptive.LevenbergMarquardt` when ``config.lm_damping``."""
+    base = pre.make_damping()
+    return LevenbergMarquardt(base, pre.quadratic_model.ratio) if pre.config.lm_damping else base
+
+
+def resync_adaptive(
+    pre: Preconditioner, old: PreconditionerConfig, new: PreconditionerConfig,
+    rebuild: bool = False,
+) -> None:
+    """After a config change: the quadratic-model parts, and a new damping policy when
+    ``lm_damping`` switched (or ``rebuild``)."""
+    pre.quadratic_model.sync(new)
+    if rebuild or new.lm_damping != old.lm_damping:
+        pre.damping_policy = damping_policy(pre)
+
+
+def step_size(
+    pre: Preconditioner,
+    step: int,
+    grads: Mapping[str, Tensor],
+    deltas: Mapping[str, Tensor],
+    dampings: Mapping[str, float],
+) -> dict[str, Tensor]:
+    """What :meth:`Preconditioner.step` writes into ``.grad``: with
+    ``step_size="quadratic"`` the quadratic model's ``−u`` (natgrad/adaptive.py), falling
+    back to ``Δ`` KL-clipped (``kl_clip``) when the model cannot be evaluated; else ``Δ``,
+    KL-clipped when ``kl_clip`` is set."""
+    config, model = pre.config, pre.quadratic_model
+    if config.step_size == "quadratic":
+        model.check_optimizer(pre.optimizer)
+        update = model.update(step, grads, deltas, dampings)
+        if update is not None:
+            return update
+        pre._faults.warn(
+            "*", "quadratic",
+            "the quadratic model could not size this step (no recorded forward/backward "
+            "pass of the root model, or a loss that is not the likelihood's "
+            f"{config.likelihood!r} negative log-likelihood); "
+            + ("used the KL-clipped step" if config.kl_clip is not None else "used Δ as is"),
+        )
+    if config.kl_clip is None:
+        return dict(deltas)
+    lrs = learning_rates(pre.optimizer, {n: b.module for n, b in pre.layers.items()})
+    return pre._clipping.clip(config.kl_clip, deltas, grads, lrs)
+
+
 def check_ready(pre: Preconditioner, grads: Mapping[str, Tensor]) -> None:
     """Raise ``RuntimeError`` when :meth:`Preconditioner.step` cannot run."""
     if not grads:
         raise RuntimeError(
             "step() found no gradient on any preconditioned layer: call loss.backward() "
             "before step()"
+        )
+    adaptive = pre.config.step_size == "quadratic" or pre.config.lm_damping
+    if adaptive and pre.distributed is not None:
+        raise RuntimeError(
+            "step_size='quadratic' and lm_damping are not supported with data parallelism "
+            "yet (each worker would size its step on its own rows); use step_size='lr' and "
+            "lm_damping=False with distributed="
         )
     if pre.config.kl_clip is not None and pre.optimizer is None:
         raise RuntimeError(

@@ -3,7 +3,8 @@
 Schedules count from step 0: step ``t`` updates the curvature when ``t % T_cov == 0``,
 refreshes when ``t % T_inv == 0`` (or after a change that makes every inverse stale), and
 an inverse with :attr:`~natgrad.inverses.InverseStrategy.observe_every` observes when
-``t % observe_every == 0`` or on a refresh step.
+``t % observe_every == 0`` or on a refresh step. The steps listed in ``warm_start`` do
+both, besides (extra refreshes while the factors are young).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ class Schedule:
         self.stale = False
 
     def updates_curvature(self, config: PreconditionerConfig, step: int) -> bool:
-        return step % config.T_cov == 0
+        return step % config.T_cov == 0 or step in config.warm_start
 
     def refreshes(self, config: PreconditionerConfig, step: int) -> bool:
-        return step % config.T_inv == 0 or self.stale
+        return step % config.T_inv == 0 or self.stale or step in config.warm_start
 
     def observes(self, config: PreconditionerConfig, step: int, inverse: InverseStrategy) -> bool:
         every = inverse.observe_every

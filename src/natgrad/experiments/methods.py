@@ -37,9 +37,11 @@ __all__ = [
 ]
 
 #: Default learning rate of a first-order baseline, by update rule.
-FIRST_ORDER_LR: dict[str, float] = {"sgd": 0.05, "nag": 0.05, "adam": 1e-3, "radam": 1e-3}
+FIRST_ORDER_LR: dict[str, float] = {"sgd": 0.05, "nag": 0.05, "adam": 1e-3, "radam": 1e-3,
+                                    "plain": 0.05}
 #: Default learning rate of a K-FAC-family method, by the update rule behind it.
-PRECONDITIONED_LR: dict[str, float] = {"sgd": 0.05, "nag": 0.05, "adam": 1e-3, "radam": 1e-3}
+PRECONDITIONED_LR: dict[str, float] = {"sgd": 0.05, "nag": 0.05, "adam": 1e-3, "radam": 1e-3,
+                                       "plain": 1.0}
 _COMMON = ("lr", "weight_decay")
 #: Settings every K-FAC-family method gets in ``bench`` behind SGD(-Nesterov) momentum:
 #: the papers' damping of 1e-3 diverges there at lr 0.05; λ = 0.1 with κ = 1e-3 trains
@@ -82,6 +84,8 @@ class MethodSpec:
         hp: dict[str, Any] = {"lr": self.default_lr(), "weight_decay": 0.0}
         if self.method is not None and self.rule in ("sgd", "nag"):
             hp.update(MOMENTUM_DEFAULTS)
+        if self.method is not None and self.rule == "plain":
+            hp.update(natgrad.compose.RECOMMENDED)  # what natgrad.build(method, model) sets
         return hp
 
     def fields(self) -> set[str]:
