@@ -211,7 +211,7 @@ class Preconditioner(ABC):
         refresh = self.schedule.refreshes(config, step)
         stats = self._capture.pop(loss_scale=scale) if self._capture.active else {}
         if self.schedule.updates_curvature(config, step):
-            self._update_curvature(stats)
+            fold_all(self, stats)
         damping = self.damping_policy.resolve(config, self.layers, refresh)
         if refresh:
             self._sharing.refresh(self.layers, damping[0])
@@ -225,12 +225,6 @@ class Preconditioner(ABC):
                                                     damping))
         self.steps += 1
         self._sync()
-
-    def _update_curvature(self, stats: Mapping[str, LayerStats]) -> None:
-        for name, block in self.layers.items():
-            if name in stats:
-                update = self._sharing.curvature_update(block.curvature)
-                block.fold(stats[name], self.config.decay, update)
 
     @property
     def kl_scale(self) -> float:
@@ -342,6 +336,14 @@ def begin_step(pre: Preconditioner) -> tuple[dict[str, Tensor], float | None]:
     elif pre._capture.active:
         warn_uncalled(pre._faults, grads, pre._capture.called)
     return grads, scale
+
+
+def fold_all(pre: Preconditioner, stats: Mapping[str, LayerStats]) -> None:
+    """Fold this step's rows into every layer's curvature (through the sharing strategy)."""
+    for name, block in pre.layers.items():
+        if name in stats:
+            update = pre._sharing.curvature_update(block.curvature)
+            block.fold(stats[name], pre.config.decay, update)
 
 
 def observe_all(pre: Preconditioner, stats: Mapping[str, LayerStats], step: int) -> None:
