@@ -41,7 +41,6 @@ from natgrad.capture import LayerCapture
 from natgrad.experiments.data import DatasetMissing, fashion_mnist
 from natgrad.experiments.models import fmnist_cnn
 
-
 #: Build each method with ``natgrad.build(name, model)``'s recommended pairing
 #: (``--recommended``) instead of behind SGD-momentum at ``--lr``.
 RECOMMENDED = False

@@ -27,7 +27,6 @@ import natgrad
 from natgrad.experiments.data import load_digits
 from natgrad.experiments.models import mlp
 
-
 #: How a run is built from its spec (scripts may replace it to try variants).
 BUILD = natgrad.build
 

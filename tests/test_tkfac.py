@@ -67,7 +67,9 @@ def exact_fisher(model, name, x, y):
     return vecs.T @ vecs / len(per_sample)
 
 
-@pytest.mark.parametrize("model_fn", [tiny_mlp, tiny_cnn, lambda: tiny_cnn(stride=1, padding=0, bias=False)])
+@pytest.mark.parametrize(
+    "model_fn", [tiny_mlp, tiny_cnn, lambda: tiny_cnn(stride=1, padding=0, bias=False)]
+)
 def test_delta_phi_psi_equal_their_per_sample_formulas(model_fn):
     model = model_fn()
     x, y = data(model)

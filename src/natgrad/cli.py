@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"natgrad {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from natgrad.experiments.workers import PEER_LOST, LAUNCHED, lost_peer
+        from natgrad.experiments.workers import LAUNCHED, PEER_LOST, lost_peer
 
         if LAUNCHED in os.environ and lost_peer(e):
             # Another worker of `--nproc` died; the launcher says which, in one line.

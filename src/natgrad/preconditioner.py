@@ -143,7 +143,7 @@ class Preconditioner(ABC):
         """The damping policy (default: ``config.damping`` on every layer)."""
         return ConstantDamping()
 
-    def sync_layers(self) -> None:
+    def sync_layers(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Push the config into the per-layer objects. Called after construction,
         :meth:`configure`, :meth:`load_state_dict` and every :meth:`step`; methods whose
         curvature or inverse holds settings of its own override it (default: nothing)."""

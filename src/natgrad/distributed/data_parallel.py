@@ -34,10 +34,9 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 from torch import Tensor
 
+from ..sharing import precondition_blocks
 from .assignment import WorkAssignment, balance
 from .comm import Collective
-
-from ..sharing import precondition_blocks
 
 if TYPE_CHECKING:
     from ..block import LayerBlock

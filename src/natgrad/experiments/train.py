@@ -27,8 +27,8 @@ from it reproduces the uninterrupted run exactly).
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import math
 import os
 import random

@@ -33,8 +33,17 @@ from .data import load
 from .methods import MethodSpec, resolve
 from .train import read_log, train_run
 
-__all__ = ["grid_points", "build_grids", "run_tune", "read_settings", "check_settings_out", "LR_MULTIPLIERS",
-           "DEFAULT_DAMPINGS", "DEFAULT_WEIGHT_DECAYS", "CRITERION"]
+__all__ = [
+    "grid_points",
+    "build_grids",
+    "run_tune",
+    "read_settings",
+    "check_settings_out",
+    "LR_MULTIPLIERS",
+    "DEFAULT_DAMPINGS",
+    "DEFAULT_WEIGHT_DECAYS",
+    "CRITERION",
+]
 
 #: Default learning-rate grid: each method's default lr times these.
 LR_MULTIPLIERS = (1 / 3, 1.0, 3.0)
