@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import PreconditionerConfig
-from .damping import DampingPolicy, LayerDamping, StepRecord
+from .damping import DampingPolicy, HeldDamping, LayerDamping, StepRecord
 from .quadratic import (
     ModelTap,
     TappedPass,
@@ -320,7 +320,7 @@ class ReductionRatio:
         self._pending = None if state is None else dict(state)
 
 
-class LevenbergMarquardt(DampingPolicy):
+class LevenbergMarquardt(HeldDamping):
     """Levenberg–Marquardt damping over any base policy: ``λ_l = c · base_l`` with
     ``c = λ / config.damping``, where ``λ`` (starting at ``config.damping``) follows
     :func:`lm_update` of the reduction ratio ``ρ`` measured every ``config.T_lm`` steps.
@@ -351,11 +351,6 @@ class LevenbergMarquardt(DampingPolicy):
             dampings, scales = self.base.resolve(config, blocks, refresh)
             factor = self._lambda(config) / config.damping
             self._in_force = ({n: v * factor for n, v in dampings.items()}, scales)
-        return dict(self._in_force[0]), dict(self._in_force[1])
-
-    def in_force(self, config, blocks, refresh) -> LayerDamping:
-        if self._in_force is None:
-            return self.resolve(config, blocks, refresh)
         return dict(self._in_force[0]), dict(self._in_force[1])
 
     def configure(self, old, new) -> bool:

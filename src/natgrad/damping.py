@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConstantDamping",
     "DampingPolicy",
+    "HeldDamping",
     "LayerDamping",
     "StepRecord",
     "TraceDamping",
@@ -149,6 +150,18 @@ class DampingPolicy(ABC):
         """Restore :meth:`state_dict` output."""
 
 
+class HeldDamping(DampingPolicy):
+    """A policy that holds the ``(λ_l, scale_l)`` it last resolved in ``_in_force`` (the
+    damping inside the inverses) and answers :meth:`in_force` with a copy of it."""
+
+    _in_force: LayerDamping | None = None
+
+    def in_force(self, config, blocks, refresh) -> LayerDamping:
+        if self._in_force is None:
+            return self.resolve(config, blocks, refresh)
+        return dict(self._in_force[0]), dict(self._in_force[1])
+
+
 class ConstantDamping(DampingPolicy):
     """``λ_l = config.damping`` on every layer, no block scale."""
 
@@ -156,7 +169,7 @@ class ConstantDamping(DampingPolicy):
         return {name: config.damping for name in blocks}, {name: 1.0 for name in blocks}
 
 
-class TraceDamping(DampingPolicy):
+class TraceDamping(HeldDamping):
     """The trace-based rule of the module docstring, for a :class:`TraceDampingConfig`.
 
     Args:
@@ -212,11 +225,6 @@ class TraceDamping(DampingPolicy):
         if any(block.inverse.damping_in_refresh for block in blocks.values()):
             return resolved
         self._in_force = self.rule(config, blocks)
-        return dict(self._in_force[0]), dict(self._in_force[1])
-
-    def in_force(self, config, blocks, refresh) -> LayerDamping:
-        if self._in_force is None:
-            return self.resolve(config, blocks, refresh)
         return dict(self._in_force[0]), dict(self._in_force[1])
 
     def configure(self, old, new) -> bool:
