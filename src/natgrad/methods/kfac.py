@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PreconditionerConfig
-from ..curvature import KroneckerFactors
+from ..config import PreconditionerConfig, check_positive_int
+from ..curvature import KroneckerFactors, ThinnedKroneckerFactors
 from ..inverses import EigenInverse, FactoredInverse, InverseStrategy
 from ..preconditioner import Preconditioner
 
@@ -21,6 +21,11 @@ class KFACConfig(PreconditionerConfig):
         inverse: ``"factored"`` — ``Δ = G_d⁻¹ ∇W̄ A_d⁻¹`` with factored Tikhonov damping
             (Cholesky inverses; cheapest); ``"eigen"`` — eigendecompositions with damping
             ``λ`` on the Kronecker product exactly, ``(A ⊗ G + λI)⁻¹``.
+        statistics_positions: the factors of a layer with several output positions per
+            sample (``nn.Conv2d``: ``P = H_out·W_out``) are computed from at most this
+            many of them, drawn afresh at each curvature update and scaled so that ``A``
+            and ``G`` stay unbiased (:func:`~natgrad.curvature.kronecker.thin_positions`);
+            ``None`` (default): all of them.
     """
 
     # Measured on the Fashion-MNIST CNN with SGD-momentum at lr 0.05 (docs/defaults.md):
@@ -28,9 +33,12 @@ class KFACConfig(PreconditionerConfig):
     damping: float = 1e-1
     kl_clip: float | None = 1e-3
     inverse: str = "factored"
+    statistics_positions: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.statistics_positions is not None:
+            check_positive_int("statistics_positions", self.statistics_positions)
         if self.inverse not in ("factored", "eigen"):
             raise ValueError(f"inverse must be 'factored' or 'eigen', got {self.inverse!r}")
 
@@ -44,10 +52,13 @@ class KFAC(Preconditioner):
 
     config_class = KFACConfig
     # ``inverse`` decides what each layer stores.
-    fixed_fields = ("inverse",)
+    fixed_fields = ("inverse", "statistics_positions")
 
     def make_curvature(self, shape, dtype, device) -> KroneckerFactors:
-        return KroneckerFactors(shape, dtype, device)
+        positions = self.config.statistics_positions
+        if positions is None:
+            return KroneckerFactors(shape, dtype, device)
+        return ThinnedKroneckerFactors(shape, dtype, device, positions=positions)
 
     def make_inverse(self, shape, dtype, device) -> InverseStrategy:
         if self.config.inverse == "eigen":
