@@ -85,6 +85,8 @@ class Preconditioner(ABC):
     config_class: ClassVar[type[PreconditionerConfig]] = PreconditionerConfig
     #: Config fields :meth:`configure` refuses to change (they decide what a layer stores).
     fixed_fields: ClassVar[tuple[str, ...]] = ()
+    #: This method's settings on top of :data:`natgrad.compose.RECOMMENDED` in ``build``.
+    recommended: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,

@@ -53,6 +53,8 @@ class KFAC(Preconditioner):
     config_class = KFACConfig
     # ``inverse`` decides what each layer stores.
     fixed_fields = ("inverse", "statistics_positions")
+    # build("kfac", model): the conv factors from 49 positions per sample (docs/defaults.md).
+    recommended = {"statistics_positions": 49}
 
     def make_curvature(self, shape, dtype, device) -> KroneckerFactors:
         positions = self.config.statistics_positions
