@@ -329,6 +329,8 @@ def begin_step(pre: Preconditioner) -> tuple[dict[str, Tensor], float | None]:
     grads = pre.grad_matrices()
     needs_samples = pre.fisher == "mc" and pre._capture.active
     scale = pre._gate.open(param_grads(pre.layers), grads, pre.optimizer, needs_samples)
+    if scale is not None and scale != 1.0:
+        grads = pre.grad_matrices()  # a layer with a bias copied .grad before unscale_
     check_ready(pre, grads)
     if scale is None:
         pre._capture.clear()
