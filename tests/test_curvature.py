@@ -25,6 +25,7 @@ import natgrad
 from natgrad.capture import LayerStats
 from natgrad.curvature import (
     BatchMatrices,
+    Curvature,
     DiagonalSwitchFactors,
     KroneckerFactors,
     NonFiniteStatistics,
@@ -38,7 +39,7 @@ from natgrad.curvature.batch_matrices import (
     subsample_rows,
 )
 from natgrad.curvature.diagonal_switch import input_diagonal, output_diagonal
-from natgrad.inverses import EigenCorrectedInverse, WoodburyInverse
+from natgrad.inverses import EigenCorrectedInverse, InverseStrategy, WoodburyInverse
 from natgrad.linalg import input_factor, output_factor
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
@@ -453,3 +454,107 @@ def test_exact_branch_state_round_trip_and_a_short_batch_keeps_the_branch():
     other.load_state_dict(curv.state_dict())
     for x, y in zip(other.factors(), curv.factors()):
         torch.testing.assert_close(x, y)
+
+
+# ------------------------------------------------------ an estimate built from the gradient
+class GradientMoments(Curvature):
+    """A diagonal and a Shampoo-like estimate from the gradient matrix alone (the rows are
+    not used): running ``D = E[∇W̄ ⊙ ∇W̄]`` ``(d_out, d_in')``, ``L = E[∇W̄ ∇W̄ᵀ]``
+    ``(d_out, d_out)`` and ``R = E[∇W̄ᵀ ∇W̄]`` ``(d_in', d_in')``."""
+
+    _state_keys = ("D", "L", "R")
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.D = self.L = self.R = None
+
+    @property
+    def initialized(self) -> bool:
+        return self.D is not None
+
+    def update(self, stats, decay):
+        grad = stats.grad.to(self.dtype)
+        batch = {"D": grad * grad, "L": grad @ grad.T, "R": grad.T @ grad}
+        for key, value in batch.items():
+            old = getattr(self, key)
+            setattr(self, key, value if old is None else decay * old + (1 - decay) * value)
+
+    def factors(self):
+        return self.R, self.L
+
+
+class DiagonalInverse(InverseStrategy):
+    """``Δ = ∇W̄ / (D + λ)`` elementwise, with ``D`` of the last refresh."""
+
+    _state_keys = ("denominator",)
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.denominator = None
+
+    @property
+    def ready(self) -> bool:
+        return self.denominator is not None
+
+    def refresh(self, curvature, damping):
+        self.denominator = curvature.D + damping
+
+    def apply(self, grad, damping):
+        return grad / self.denominator
+
+
+class DiagonalMethod(natgrad.Preconditioner):
+    def make_curvature(self, shape, dtype, device):
+        return GradientMoments(shape, dtype, device)
+
+    def make_inverse(self, shape, dtype, device):
+        return DiagonalInverse(dtype, device)
+
+
+def grad_matrix_by_hand(module):
+    """``[∇W reshaped to (d_out, ·), ∇b]`` straight from ``.grad``."""
+    w = module.weight.grad
+    return torch.cat([w.reshape(w.shape[0], -1), module.bias.grad.unsqueeze(1)], 1)
+
+
+def test_a_curvature_estimate_built_from_the_gradient_matrix():
+    """``Curvature.update`` receives ``stats.grad``, the layer's ``∇W̄`` of the step that
+    folds the statistics: a diagonal / Shampoo-like estimate needs nothing else."""
+    model = tiny_cnn(seed=0)
+    decay, damping = 0.7, 0.01
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pre = DiagonalMethod(model, opt, kl_clip=None, T_cov=2, T_inv=2, decay=decay,
+                         damping=damping)
+    ref = {}
+    for step in range(5):
+        x, y = random_batch(model, seed=step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = {name: grad_matrix_by_hand(block.module) for name, block in pre.layers.items()}
+        pre.step()
+        if step % 2 == 0:  # folded on T_cov steps only, the first batch as it is
+            for name, G in grads.items():
+                batch = {"D": G * G, "L": G @ G.T, "R": G.T @ G}
+                old = ref.get(name)
+                ref[name] = batch if old is None else {
+                    k: decay * old[k] + (1 - decay) * v for k, v in batch.items()
+                }
+        for name, block in pre.layers.items():
+            for key, value in ref[name].items():
+                torch.testing.assert_close(getattr(block.curvature, key), value, rtol=1e-12,
+                                           atol=1e-15)
+            # refreshed on the same steps (T_inv = T_cov): Δ = ∇W̄ / (D + λ)
+            delta = grads[name] / (ref[name]["D"] + damping)
+            torch.testing.assert_close(grad_matrix_by_hand(block.module), delta, rtol=1e-12,
+                                       atol=1e-15)
+        opt.step()
+    assert set(pre.factors()) == set(pre.layers)
+
+
+def test_layer_stats_keep_the_gradient_through_a_dtype_change():
+    stats = LayerStats(torch.randn(4, 2, 5), torch.randn(4, 2, 3))
+    assert stats.grad is None and stats.to(torch.float32).grad is None
+    grad = torch.randn(3, 5)
+    moved = stats.with_grad(grad).to(torch.float32)
+    assert moved.grad.dtype == torch.float32 and moved.a.dtype == torch.float32
+    torch.testing.assert_close(moved.grad, grad.float())

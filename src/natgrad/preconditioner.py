@@ -210,6 +210,7 @@ class Preconditioner(ABC):
         step, config = self.steps, self.config
         refresh = self.schedule.refreshes(config, step)
         stats = self._capture.pop(loss_scale=scale) if self._capture.active else {}
+        stats = {name: s.with_grad(grads.get(name)) for name, s in stats.items()}
         if self.schedule.updates_curvature(config, step):
             fold_all(self, stats)
         damping = self.damping_policy.resolve(config, self.layers, refresh)
