@@ -40,7 +40,6 @@ class Step:
         config: the config in force for the whole step.
         refresh_due: whether the inverses are recomputed (``T_inv``, a changed damping, …).
         grads: ``{layer: ∇W̄ (d_out, d_in')}`` as ``.grad`` held them (after unscaling).
-        scale: the loss scale of a GradScaler (1.0 without one); ``None``: skipped.
         stats: ``{layer: LayerStats}`` recorded for this step (with ``grad`` attached).
         damping: the policy's ``(dampings, scales)`` for this step.
         deltas: ``{layer: what is written into .grad}``.
@@ -52,7 +51,6 @@ class Step:
         self.config = pre.config
         self.refresh_due = False
         self.grads: dict[str, Tensor] = {}
-        self.scale: float | None = None
         self.stats: dict[str, LayerStats] = {}
         self.damping: LayerDamping = ({}, {})
         self.deltas: dict[str, Tensor] = {}
@@ -90,7 +88,7 @@ class Step:
             warn_uncalled(pre._faults, grads, pre._capture.called)
         self.refresh_due = pre.schedule.refreshes(self.config, self.index)
         stats = pre._capture.pop(loss_scale=scale) if pre._capture.active else {}
-        self.grads, self.scale = grads, scale
+        self.grads = grads
         self.stats = {name: s.with_grad(grads.get(name)) for name, s in stats.items()}
         return True
 
