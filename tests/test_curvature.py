@@ -1,8 +1,9 @@
 """Curvature estimates against dense references in float64: trace-restricted factors
 (TKFAC's δ, Φ, Ψ), diagonal accumulation (SM-K-FAC), batch matrices with Reduce-Sum /
-Spatial-Subsampling rows and their running average (SKFAC, both readings), and how close
-each estimate is to the exact Fisher. (Kronecker factors themselves: test_capture.py and
-the dense-solve tests of test_inverses.py.)"""
+Spatial-Subsampling rows and their running average (SKFAC, both readings), how close
+each estimate is to the exact Fisher, and an estimate built from the gradient matrix (the
+hook a diagonal or Shampoo-like method uses). (Kronecker factors themselves:
+test_capture.py and the dense-solve tests of test_inverses.py.)"""
 
 import copy
 import itertools
