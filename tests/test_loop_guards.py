@@ -49,6 +49,25 @@ def test_grad_scaler_gives_the_unscaled_factors_and_direction():
     scaler.update()
 
 
+def test_grad_scaler_direction_is_unscaled_without_kl_clipping():
+    """Layers with a bias: their gradient matrix is a copy, taken before the scaler
+    unscales ``.grad``; KL clipping's ``ν`` hid a scaled copy, an unclipped step did not."""
+    ((x, y),) = batches32(1)
+    plain, scaled = cnn_float32(), cnn_float32()
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.05)
+    opt_s = torch.optim.SGD(scaled.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    pre_p = natgrad.KFAC(plain, opt_p, kl_clip=None)
+    pre_s = natgrad.KFAC(scaled, opt_s, grad_scaler=scaler, kl_clip=None)
+    F.cross_entropy(plain(x), y).backward()
+    pre_p.step()
+    scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+    pre_s.step()
+    assert all(p.bias is not None for p in (plain[0], plain[3]))
+    for name, g in grads_of(plain).items():
+        torch.testing.assert_close(grads_of(scaled)[name], g, rtol=1e-4, atol=1e-7)
+
+
 def test_training_with_a_grad_scaler_proceeds():
     model = cnn_float32()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
