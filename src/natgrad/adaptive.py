@@ -322,11 +322,16 @@ class ReductionRatio:
         for layer, mat in layer_grads.items():
             for param, tensor in matrix_params(self.modules[layer], mat):
                 grads[param_names[param]] = tensor.detach().clone()
+        outputs = record.outputs
+        if outputs.dtype in (torch.float16, torch.bfloat16):
+            # An autocast pass: the loss after the step is evaluated in the model's own
+            # dtype, so the loss before it must be too (else ρ measures rounding).
+            outputs, _ = output_jvp(self.model, record.args, record.kwargs, {})
         self._pending = {
             "args": record.args,
             "kwargs": record.kwargs,
             "targets": targets,
-            "loss": negative_log_likelihood(record.outputs, targets, self.likelihood,
+            "loss": negative_log_likelihood(outputs, targets, self.likelihood,
                                             self.reduction),
             "grads": grads,
             "params": {n: p.detach().clone() for n, p in self.model.named_parameters()},

@@ -79,6 +79,7 @@ class Step:
         scale = pre._gate.open(param_grads(pre.layers), grads, pre.optimizer, needs_samples)
         if scale is not None and scale != 1.0:
             grads = pre.grad_matrices()  # a layer with a bias copied .grad before unscale_
+            pre.quadratic_model.tap.unscale(scale)
         check_ready(pre, grads)
         if scale is None:
             pre._capture.clear()
