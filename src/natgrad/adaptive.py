@@ -429,6 +429,7 @@ class LevenbergMarquardt(HeldDamping):
         self.base = base
         self.ratio = ratio
         self.damping: float | None = None
+        self._applied: float | None = None  # the λ of the dampings in force
         self._in_force: LayerDamping | None = None
         self._config: PreconditionerConfig | None = None
 
@@ -442,7 +443,8 @@ class LevenbergMarquardt(HeldDamping):
         baked = any(block.inverse.damping_in_refresh for block in blocks.values())
         if self._in_force is None or not baked or refresh:
             dampings, scales = self.base.resolve(config, blocks, refresh)
-            factor = self._lambda(config) / config.damping
+            self._applied = self._lambda(config)
+            factor = self._applied / config.damping
             self._in_force = ({n: v * factor for n, v in dampings.items()}, scales)
         return dict(self._in_force[0]), dict(self._in_force[1])
 
@@ -457,21 +459,42 @@ class LevenbergMarquardt(HeldDamping):
     def observe_step(self, record: StepRecord) -> None:
         """At the end of a step (the optimizer has not moved yet, so the parameters are
         those the last recorded step's update led to): ``ρ`` of that update moves ``λ``;
-        then, on steps ``t % T_lm == 0``, this step is recorded."""
+        then, on steps ``t % T_lm == 0``, this step is recorded.
+
+        When the quadratic step had to multiply the damping in force ``λ_used`` by a trust
+        factor ``f > 1`` on this step (its model predicted a decrease larger than the loss
+        allows), ``λ ← max(λ, f·λ_used)``: the damping that made the model believable
+        becomes the preconditioner's own (at once for eigen forms, at the next refresh
+        where the inverse bakes it in), so that ``ρ`` measured along short, trust-capped
+        steps cannot drive ``λ`` down while the direction ``Δ`` is built with too little
+        damping.
+        """
         self.base.observe_step(record)
         config = self._config
+        lower, upper = config.damping_bounds
         if self.ratio.pending:
             rho = self.ratio.ratio(record.damping[0])
             if rho is not None:
                 omega = config.lm_omega ** config.T_lm
-                lower, upper = config.damping_bounds
                 self.damping = lm_update(self._lambda(config), rho, omega, lower, upper)
+        trust = self._trust_factor(record.step)
+        if trust > 1.0 and self._applied is not None:
+            raised = min(max(self._applied * trust, lower), upper)
+            self.damping = max(self._lambda(config), raised)
         if record.step % config.T_lm == 0:
             self.ratio.record(record.grads, record.step)
+
+    def _trust_factor(self, step: int) -> float:
+        """The quadratic step's trust factor if it solved on step ``step``, else 1."""
+        rule = self.ratio.rule
+        if rule is None or rule.terms is None or rule.terms.step != step:
+            return 1.0
+        return rule.trust_factor
 
     def state_dict(self) -> dict:
         return {
             "damping": self.damping,
+            "applied": self._applied,
             "in_force": None if self._in_force is None else (dict(self._in_force[0]),
                                                              dict(self._in_force[1])),
             "pending": self.ratio.state_dict(),
@@ -482,6 +505,7 @@ class LevenbergMarquardt(HeldDamping):
         if state is None:
             return
         self.damping = state["damping"]
+        self._applied = state.get("applied")  # absent from checkpoints before it existed
         cached = state["in_force"]
         self._in_force = None if cached is None else (dict(cached[0]), dict(cached[1]))
         self.ratio.load_state_dict(state["pending"])
