@@ -361,44 +361,36 @@ def test_summed_loss_on_some_samples_scales_the_curvature_to_the_batch():
     assert torch.allclose(first_update(8), first_update(None), rtol=1e-10, atol=0)
 
 
-def test_a_binding_trust_cap_raises_the_lm_damping_by_its_factor():
-    """When the step's model predicts more decrease than the cap allows (here the cap is
-    set to 1 % of the loss so that it binds), the step's λ is doubled ``f`` times and LM's
-    λ becomes ``f·λ``; when it does not bind, λ is left to ρ alone."""
+def test_a_step_the_trust_cap_shortened_counts_as_poor_agreement():
+    """When the step's model predicts more decrease than the cap allows (the cap set to
+    5 % of the loss so that it binds), LM's λ grows by ``1/ω`` per such step, on top of
+    what ρ does every ``T_lm`` steps; when the cap never binds, λ follows ρ alone."""
 
-    def first_step(max_decrease):
+    def run(max_decrease, steps=4):
         model, x, y = _linear_regression()
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         pre = natgrad.KFAC(model, opt, step_size="quadratic", lm_damping=True, T_lm=5,
-                           likelihood="gaussian", damping=1e-3, kl_clip=None)
+                           likelihood="gaussian", damping=1e-3, kl_clip=None, T_inv=100)
         pre.quadratic_model.rule.max_decrease = max_decrease
-        (0.5 * ((model(x) - y) ** 2).sum(1).mean()).backward()
-        pre.step()
-        return pre.quadratic_model.rule.trust_factor, pre.damping_policy.damping
+        factors, dampings = [], []
+        for _ in range(steps):
+            opt.zero_grad()
+            (0.5 * ((model(x) - y) ** 2).sum(1).mean()).backward()
+            pre.step()
+            opt.step()
+            factors.append(pre.quadratic_model.rule.trust_factor)
+            dampings.append(pre.damping_policy.damping)
+        return pre, factors, dampings
 
-    factor, damping = first_step(0.01)
-    assert factor > 1.0
-    assert damping == pytest.approx(1e-3 * factor, rel=1e-12)
-    factor, damping = first_step(0.5)
-    assert factor == 1.0 and damping == 1e-3
-
-
-def test_the_trust_factor_raises_lm_damping_from_the_damping_in_force_not_compounding():
-    """K-FAC's factored inverse bakes λ in at refreshes (here only step 0): the cap keeps
-    binding on the same in-force λ, and LM's λ must follow ``f·λ_used`` (at most one bad
-    ρ's ``1/ω^T_lm`` above it), not multiply by ``f`` every step."""
-    model, x, y = _linear_regression()
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    pre = natgrad.KFAC(model, opt, step_size="quadratic", lm_damping=True, T_lm=5,
-                       likelihood="gaussian", damping=1e-3, kl_clip=None, T_inv=100)
-    pre.quadratic_model.rule.max_decrease = 0.05
-    factors = []
-    for _ in range(4):
-        opt.zero_grad()
-        (0.5 * ((model(x) - y) ** 2).sum(1).mean()).backward()
-        pre.step()
-        opt.step()
-        factors.append(pre.quadratic_model.rule.trust_factor)
+    pre, factors, dampings = run(0.05)
+    omega, t_lm = pre.config.lm_omega, pre.config.T_lm
     assert min(factors) > 1.0
-    bound = 1e-3 * max(factors) / pre.config.lm_omega ** pre.config.T_lm
-    assert pre.damping_policy.damping <= bound * (1 + 1e-12)
+    assert dampings[0] == pytest.approx(1e-3 / omega, rel=1e-12)  # no ρ yet on step 0
+    # Step 1 also applies ρ of step 0's update (× or ÷ ω^T_lm, or neither): λ has moved by
+    # 1/ω times one of those; steps 2 and 3 (no ρ) by 1/ω each.
+    assert any(dampings[1] == pytest.approx(dampings[0] / omega * r, rel=1e-12)
+               for r in (1.0, omega ** t_lm, omega ** -t_lm))
+    assert dampings[3] == pytest.approx(dampings[1] / omega ** 2, rel=1e-12)
+    _, factors, dampings = run(0.99, steps=1)
+    assert factors == [1.0] and dampings == [1e-3]
+

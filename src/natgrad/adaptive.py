@@ -429,7 +429,6 @@ class LevenbergMarquardt(HeldDamping):
         self.base = base
         self.ratio = ratio
         self.damping: float | None = None
-        self._applied: float | None = None  # the λ of the dampings in force
         self._in_force: LayerDamping | None = None
         self._config: PreconditionerConfig | None = None
 
@@ -443,8 +442,7 @@ class LevenbergMarquardt(HeldDamping):
         baked = any(block.inverse.damping_in_refresh for block in blocks.values())
         if self._in_force is None or not baked or refresh:
             dampings, scales = self.base.resolve(config, blocks, refresh)
-            self._applied = self._lambda(config)
-            factor = self._applied / config.damping
+            factor = self._lambda(config) / config.damping
             self._in_force = ({n: v * factor for n, v in dampings.items()}, scales)
         return dict(self._in_force[0]), dict(self._in_force[1])
 
@@ -461,13 +459,13 @@ class LevenbergMarquardt(HeldDamping):
         those the last recorded step's update led to): ``ρ`` of that update moves ``λ``;
         then, on steps ``t % T_lm == 0``, this step is recorded.
 
-        When the quadratic step had to multiply the damping in force ``λ_used`` by a trust
-        factor ``f > 1`` on this step (its model predicted a decrease larger than the loss
-        allows), ``λ ← max(λ, f·λ_used)``: the damping that made the model believable
-        becomes the preconditioner's own (at once for eigen forms, at the next refresh
-        where the inverse bakes it in), so that ``ρ`` measured along short, trust-capped
-        steps cannot drive ``λ`` down while the direction ``Δ`` is built with too little
-        damping.
+        A step the quadratic step had to shorten with its trust factor (its model, at the
+        damping in force, predicted a decrease larger than the loss allows) counts as one
+        step of poor agreement: ``λ ← λ/lm_omega`` (LM's per-step rate). Otherwise ``ρ``,
+        measured along such short steps, finds the model good and lowers ``λ`` while the
+        direction ``Δ`` is built with ever less damping (EKFAC's ran down to 1e-5 under a
+        cap of 512–4096, and its test accuracy fell from 87 % to 79 %); with it, ``λ``
+        holds where the cap binds about as often as ``ρ`` is good.
         """
         self.base.observe_step(record)
         config = self._config
@@ -477,10 +475,8 @@ class LevenbergMarquardt(HeldDamping):
             if rho is not None:
                 omega = config.lm_omega ** config.T_lm
                 self.damping = lm_update(self._lambda(config), rho, omega, lower, upper)
-        trust = self._trust_factor(record.step)
-        if trust > 1.0 and self._applied is not None:
-            raised = min(max(self._applied * trust, lower), upper)
-            self.damping = max(self._lambda(config), raised)
+        if self._trust_factor(record.step) > 1.0:
+            self.damping = min(max(self._lambda(config) / config.lm_omega, lower), upper)
         if record.step % config.T_lm == 0:
             self.ratio.record(record.grads, record.step)
 
@@ -494,7 +490,6 @@ class LevenbergMarquardt(HeldDamping):
     def state_dict(self) -> dict:
         return {
             "damping": self.damping,
-            "applied": self._applied,
             "in_force": None if self._in_force is None else (dict(self._in_force[0]),
                                                              dict(self._in_force[1])),
             "pending": self.ratio.state_dict(),
@@ -505,7 +500,6 @@ class LevenbergMarquardt(HeldDamping):
         if state is None:
             return
         self.damping = state["damping"]
-        self._applied = state.get("applied")  # absent from checkpoints before it existed
         cached = state["in_force"]
         self._in_force = None if cached is None else (dict(cached[0]), dict(cached[1]))
         self.ratio.load_state_dict(state["pending"])
