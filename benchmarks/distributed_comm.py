@@ -39,8 +39,10 @@ from torch import nn
 import natgrad
 from natgrad.distributed import DataParallel
 from natgrad.experiments.models import resnet
+from natgrad.step import Step
 
 METHODS = ("kfac", "skfac")
+FOLD = Step.fold
 #: Paper schedules used for the amortized step time (T_cov, T_inv).
 PAPER_SCHEDULE = {"kfac": (10, 100), "skfac": (20, 200)}
 #: The measured run's schedule: step 0 warms up; then full (update + refresh) steps at
@@ -110,8 +112,8 @@ def worker(rank: int, world: int, port: int, batch: int, steps: int, outdir: str
         phases = {"rows": 0.0, "factors": 0.0, "refresh": 0.0}
         if pre is not None:  # time the scheduled phases themselves (compute + collectives)
             pre._capture.pop = timed(pre._capture.pop, phases, "rows")
-            for attr, phase in (("_update_curvature", "factors"), ("_refresh_all", "refresh")):
-                setattr(pre, attr, timed(getattr(pre, attr), phases, phase))
+            Step.fold = timed(FOLD, phases, "factors")  # natgrad/step.py's phases
+            pre._sharing.refresh = timed(pre._sharing.refresh, phases, "refresh")
         records = []
         for step in range(steps):
             phases.update(rows=0.0, factors=0.0, refresh=0.0)

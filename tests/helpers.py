@@ -1,5 +1,6 @@
-"""Set-up shared by several test modules: a tiny CNN on digits, a plain training loop,
-a recorder of tensor shapes, and running a function on spawned worker processes."""
+"""Set-up shared by several test modules: tiny models and batches, one preconditioned
+step, random layer statistics, a plain training loop, a recorder of tensor shapes, and
+running a function on spawned worker processes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+import natgrad
 
 
 def digits_cnn() -> nn.Module:
@@ -43,6 +46,47 @@ def tiny_cnn(kernel=3, stride=2, padding=1, dilation=1, bias=True, seed=None) ->
     conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)
     side = (7 + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * side * side, 4))
+
+
+def tiny_mlp(bias=True) -> nn.Module:
+    """Linear 6→5, Tanh, Linear 5→4, for ``(M, 6)`` inputs (not seeded)."""
+    return nn.Sequential(nn.Linear(6, 5, bias=bias), nn.Tanh(), nn.Linear(5, 4, bias=bias))
+
+
+def random_batch(model: nn.Module, m: int = 9, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``m`` Gaussian inputs for ``tiny_mlp`` (``(m, 6)``) or ``tiny_cnn`` (``(m, 2, 7, 7)``),
+    chosen by the model's first layer, and labels in 0…3; seeds the global generator."""
+    torch.manual_seed(seed)
+    x = torch.randn(m, 6) if isinstance(model[0], nn.Linear) else torch.randn(m, 2, 7, 7)
+    return x, torch.randint(0, 4, (m,))
+
+
+def conv_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Seven ``(2, 8, 8)`` Gaussian inputs for ``tiny_cnn`` and labels in 0…3 (seed 0)."""
+    torch.manual_seed(0)
+    return torch.randn(7, 2, 8, 8), torch.randint(0, 4, (7,))
+
+
+def one_step(cls, model, x, y, **kw):
+    """One ``cls`` step (SGD, lr 0.1; ``kl_clip=None`` unless given) on a cross-entropy
+    backward of ``(x, y)``: the preconditioner and the gradient matrices before it."""
+    pre = cls(model, torch.optim.SGD(model.parameters(), lr=0.1), **{"kl_clip": None, **kw})
+    F.cross_entropy(model(x), y).backward()
+    grads = pre.grad_matrices()
+    pre.step()
+    return pre, grads
+
+
+def random_stats(seed, m=7, p=3, d_in=5, d_out=4) -> natgrad.LayerStats:
+    """Gaussian rows ``a`` ``(m, p, d_in)`` and ``g`` ``(m, p, d_out)``, seeded."""
+    torch.manual_seed(seed)
+    return natgrad.LayerStats(torch.randn(m, p, d_in), torch.randn(m, p, d_out))
+
+
+def feed(curvatures, stats, decay) -> None:
+    """The same statistics into several curvature estimates."""
+    for c in curvatures:
+        c.update(stats, decay)
 
 
 def train(model, pre, opt, data, mc=False) -> list[float]:

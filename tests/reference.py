@@ -89,3 +89,34 @@ def vec(V: Tensor) -> Tensor:
 
 def unvec(v: Tensor, shape: tuple[int, int]) -> Tensor:
     return v.reshape(shape[1], shape[0]).T
+
+
+def reference_rows(model: nn.Module, name: str, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``ā`` (by explicit patch loops) and per-sample ``g`` (one backward per sample)."""
+    layer = dict(model.named_modules())[name]
+    seen = {}
+
+    def keep_input(module, inputs, output):
+        seen["x"] = inputs[0]
+
+    handle = layer.register_forward_hook(keep_input)
+    model(x)
+    handle.remove()
+    if isinstance(layer, nn.Conv2d):
+        a = patches_by_loops(seen["x"].detach(), layer)
+    else:
+        a = torch.cat([seen["x"].detach(), torch.ones(len(x), 1)], 1).unsqueeze(1)
+    return a, per_sample_output_grads(model, layer, x, y)
+
+
+def exact_fisher(model: nn.Module, name: str, x: Tensor, y: Tensor) -> Tensor:
+    """The empirical Fisher block ``(1/M) Σ_i vec(∇W̄_i) vec(∇W̄_i)ᵀ`` of one layer."""
+    per_sample = per_sample_grad_matrices(model, name, x, y)
+    vecs = torch.stack([vec(G_i) for G_i in per_sample])
+    return vecs.T @ vecs / len(per_sample)
+
+
+def eigen_corrected_block(inv) -> Tensor:
+    """``(Q_A ⊗ Q_G) diag(vec S) (Q_A ⊗ Q_G)ᵀ`` of an eigen-corrected inverse, undamped."""
+    K = torch.kron(inv.Q_A, inv.Q_G)
+    return K @ torch.diag(vec(inv.S)) @ K.T

@@ -300,3 +300,62 @@ def test_adaptive_step_refused_under_data_parallelism():
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="data parallelism"):
         pre.step()
+
+
+# ---------------------------------------------------------------------- ρ without a second pass
+def _ratio_run(lr: float, exact: bool, perturb: bool = False):
+    """Two steps of K-FAC with the quadratic step and LM damping (T_lm = 1) at ``lr``; the
+    second step's ρ is of the first step's update. ``exact``: drop the solved terms so
+    ``ρ`` takes the forward-mode path; ``perturb``: move a parameter off ``lr·u``."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    pre = natgrad.KFAC(model, opt, step_size="quadratic", lm_damping=True, T_lm=1,
+                       curvature_samples=None, kl_clip=None, T_cov=1, T_inv=1, damping=0.3)
+    ratio = pre.quadratic_model.ratio
+    for i in range(2):
+        x, y = _data(i)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if i == 1 and exact:
+            ratio._pending.pop("terms")
+        pre.step()
+        opt.step()
+        if i == 0 and perturb:
+            with torch.no_grad():
+                model[0].weight[0, 0] += 1e-3
+    return ratio
+
+
+@pytest.mark.parametrize("lr", [1.0, 0.4])
+def test_ratio_from_solved_terms_equals_the_forward_mode_ratio(lr):
+    """``δ = lr·u``: ``M(δ)`` from the step's own terms (no extra pass) equals the exact
+    forward-mode ``M(δ)`` on the whole batch, to 1e-10 (float64, all samples)."""
+    cheap, exact = _ratio_run(lr, exact=False), _ratio_run(lr, exact=True)
+    assert not cheap.exact and exact.exact
+    assert cheap.last == pytest.approx(exact.last, rel=1e-10, abs=0)
+
+
+def test_ratio_falls_back_to_forward_mode_when_the_step_is_not_the_solved_one():
+    perturbed = _ratio_run(1.0, exact=False, perturb=True)
+    assert perturbed.exact
+    reference = _ratio_run(1.0, exact=True, perturb=True)
+    assert perturbed.last == pytest.approx(reference.last, rel=1e-12, abs=0)
+
+
+def test_summed_loss_on_some_samples_scales_the_curvature_to_the_batch():
+    """Under ``loss_reduction="sum"``, products on 8 of 32 samples estimate the batch's
+    sum: with the batch made of 4 copies of its first 8 samples they are exact, so the step
+    equals the one computed on all 32."""
+    x, y = _data(0, n=8)
+    x, y = x.repeat(4, 1), y.repeat(4)
+
+    def first_update(samples):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        pre = natgrad.KFAC(model, opt, step_size="quadratic", curvature_samples=samples,
+                           kl_clip=None, T_cov=1, T_inv=1, damping=0.3, loss_reduction="sum")
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        pre.step()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    assert torch.allclose(first_update(8), first_update(None), rtol=1e-10, atol=0)

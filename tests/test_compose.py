@@ -136,6 +136,14 @@ def test_build_without_lr_returns_the_recommended_pairing():
     # Explicit settings win over the recommended ones.
     pre, _ = natgrad.build("kfac", tiny_cnn(), lm_damping=False, damping=0.3)
     assert not pre.config.lm_damping and pre.config.damping == 0.3
+    # A method's own recommended settings come on top (K-FAC: thinned conv statistics),
+    # in both spellings of the pairing, and explicit ones still win.
+    for spec in ("kfac", "kfac+plain"):
+        pre, _ = natgrad.build(spec, tiny_cnn())
+        assert pre.config.statistics_positions == natgrad.KFAC.recommended[
+            "statistics_positions"]
+    pre, _ = natgrad.build("kfac", tiny_cnn(), statistics_positions=None)
+    assert pre.config.statistics_positions is None
 
 
 def test_build_defaults_per_rule_and_the_old_form_with_lr():

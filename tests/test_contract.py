@@ -7,7 +7,8 @@ method added to the registry is tested by being registered.
     optimizer bit for bit;
 (c) resuming from ``state_dict()`` mid-cycle is bit-identical to an uninterrupted run;
 (d) a short training run on digits lowers the loss;
-(e) bad constructor arguments raise errors naming the argument.
+(e) bad constructor arguments raise errors naming the argument;
+(f) ``precondition()`` between steps leaves ``.grad`` and the step count untouched.
 """
 
 import copy
@@ -17,7 +18,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import digit_batches, digits_cnn, tiny_cnn, train
+from helpers import conv_batch, digit_batches, digits_cnn, one_step, tiny_cnn, train
 from reference import unvec, vec
 
 import natgrad
@@ -161,3 +162,21 @@ def test_bad_configure_arguments_name_the_argument_and_change_nothing(method):
     with pytest.raises(ValueError, match="no_such_setting"):
         pre.configure(no_such_setting=1)
     assert pre.config == before
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_precondition_leaves_grad_and_state_untouched(method, float64):
+    x, y = conv_batch()
+    model = tiny_cnn()
+    settings = SETTINGS.get(method, {})
+    pre, _ = one_step(natgrad.METHODS[method], model, x, y, kl_clip=None, **settings)
+    before = {n: t.clone() for n, t in pre.grad_matrices().items()}
+    state = pre.state_dict()
+    V = {n: torch.randn_like(t) for n, t in before.items()}
+    out = pre.precondition(V)
+    for n in before:
+        torch.testing.assert_close(pre.grad_matrices()[n], before[n], rtol=0, atol=0)
+        assert not torch.equal(out[n], V[n])
+    assert pre.state_dict()["steps"] == state["steps"]
+    with pytest.raises(KeyError, match="not a preconditioned layer"):
+        pre.precondition({"nope": torch.zeros(1)})

@@ -49,6 +49,25 @@ def test_grad_scaler_gives_the_unscaled_factors_and_direction():
     scaler.update()
 
 
+def test_grad_scaler_direction_is_unscaled_without_kl_clipping():
+    """Layers with a bias: their gradient matrix is a copy, taken before the scaler
+    unscales ``.grad``; KL clipping's ``ν`` hid a scaled copy, an unclipped step did not."""
+    ((x, y),) = batches32(1)
+    plain, scaled = cnn_float32(), cnn_float32()
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.05)
+    opt_s = torch.optim.SGD(scaled.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    pre_p = natgrad.KFAC(plain, opt_p, kl_clip=None)
+    pre_s = natgrad.KFAC(scaled, opt_s, grad_scaler=scaler, kl_clip=None)
+    F.cross_entropy(plain(x), y).backward()
+    pre_p.step()
+    scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+    pre_s.step()
+    assert all(p.bias is not None for p in (plain[0], plain[3]))
+    for name, g in grads_of(plain).items():
+        torch.testing.assert_close(grads_of(scaled)[name], g, rtol=1e-4, atol=1e-7)
+
+
 def test_training_with_a_grad_scaler_proceeds():
     model = cnn_float32()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -319,3 +338,38 @@ def test_frozen_layers_get_no_factors():
     F.cross_entropy(model(torch.randn(5, 3)), torch.randint(0, 2, (5,))).backward()
     pre.step()
     assert "0" not in pre.layers and set(pre.factors()) == {"2"}
+
+
+def test_quadratic_step_under_autocast_and_a_grad_scaler_sizes_the_step_itself():
+    """The tapped output gradient is the scaled loss's: it is unscaled before the targets
+    are read back from it, and bf16 outputs are read in float32, so the quadratic model
+    sizes the step (no fallback warning) and the step equals the unscaled run's."""
+    ((x, y),) = batches32(1)
+    plain, scaled = cnn_float32(), cnn_float32()
+    settings = dict(step_size="quadratic", lm_damping=True, T_lm=1, kl_clip=None)
+    opt_p = torch.optim.SGD(plain.parameters(), lr=1.0)
+    opt_s = torch.optim.SGD(scaled.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    pre_p = natgrad.KFAC(plain, opt_p, **settings)
+    pre_s = natgrad.KFAC(scaled, opt_s, grad_scaler=scaler, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", natgrad.NumericalWarning)
+        for _ in range(2):
+            for model, opt, pre, scale in ((plain, opt_p, pre_p, None),
+                                           (scaled, opt_s, pre_s, scaler)):
+                opt.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = F.cross_entropy(model(x), y)
+                (loss if scale is None else scale.scale(loss)).backward()
+                pre.step()
+                if scale is None:
+                    opt.step()
+                else:
+                    scale.step(opt)
+                    scale.update()
+    rule_p, rule_s = pre_p.quadratic_model.rule, pre_s.quadratic_model.rule
+    assert rule_s.ready and rule_s.alpha == pytest.approx(rule_p.alpha, rel=1e-4)
+    assert pre_s.quadratic_model.ratio.last == pytest.approx(
+        pre_p.quadratic_model.ratio.last, rel=1e-3)
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

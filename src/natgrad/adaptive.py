@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +38,8 @@ from .quadratic import (
     recover_targets,
 )
 
-__all__ = ["LevenbergMarquardt", "QuadraticStep", "ReductionRatio", "lm_update", "matrix_params"]
+__all__ = ["LevenbergMarquardt", "QuadraticStep", "ReductionRatio", "UpdateTerms", "lm_update",
+           "matrix_params"]
 
 
 def matrix_params(module: nn.Module, mat: Tensor) -> list[tuple[nn.Parameter, Tensor]]:
@@ -80,6 +82,31 @@ def lm_update(damping: float, rho: float, omega: float, lower: float, upper: flo
     elif rho > 0.75:
         damping = damping * omega
     return min(max(damping, lower), upper)
+
+
+@dataclass(frozen=True)
+class UpdateTerms:
+    """The quadratic model's terms for the update ``u`` solved on step ``step``, so that
+    ``M(s·u)`` for any multiple of it costs no further pass over the model.
+
+    Attributes:
+        step: the step ``u`` was solved on.
+        update: ``u`` per layer matrix ``(d_out, d_in')``.
+        grad_dot: ``∇hᵀu`` (the whole batch's gradient).
+        curvature: ``uᵀCu`` (on the samples the curvature products used, scaled to the
+            batch's reduction).
+    """
+
+    step: int
+    update: Mapping[str, Tensor]
+    grad_dot: float
+    curvature: float
+
+    def model_change(self, scale: float, dampings: Mapping[str, float]) -> float:
+        """``M(s·u) = s ∇hᵀu + ½ s² (uᵀCu + Σ_l λ_l ‖u_l‖²)``."""
+        damped = sum(dampings.get(n, 0.0) * torch.dot(u.reshape(-1), u.reshape(-1)).item()
+                     for n, u in self.update.items())
+        return scale * self.grad_dot + 0.5 * scale * scale * (self.curvature + damped)
 
 
 class _Curvature:
@@ -146,7 +173,9 @@ class QuadraticStep:
         self.model_change = 0.0
         self.trust_factor = 1.0
         self.ready = False
+        self.terms: UpdateTerms | None = None
         self._previous: dict[str, Tensor] | None = None
+        self._solved: tuple[float, ...] | None = None
 
     def wants_pass(self, step: int) -> bool:
         """Whether step ``step``'s forward/backward must be tapped."""
@@ -165,6 +194,7 @@ class QuadraticStep:
                 previous = None
         self._previous = current
         d = {n: -delta for n, delta in deltas.items()}
+        self._solved = None
         if step % self.every == 0 or not self.ready:
             record = self.tap.recorded(self.samples)
             if record is not None:
@@ -172,8 +202,13 @@ class QuadraticStep:
         if not self.ready:
             return None
         if previous is None:
-            return {n: self.alpha * d[n] for n in d}
-        return {n: self.alpha * d[n] + self.mu * previous[n] for n in d}
+            update = {n: self.alpha * d[n] for n in d}
+        else:
+            update = {n: self.alpha * d[n] + self.mu * previous[n] for n in d}
+        self.terms = None
+        if self._solved is not None:
+            self.terms = UpdateTerms(step, update, *self._solved)
+        return update
 
     def _solve(self, record: TappedPass, grads, d, previous, dampings) -> None:
         cur = self.curvature
@@ -184,17 +219,21 @@ class QuadraticStep:
         directions = [d] if previous is None else [d, previous]
         z, jvs = cur.jvps(record, [cur.tangents(v) for v in directions])
         n = len(directions)
+        # Under a summed loss, forms over some of the batch's samples scale up to all.
+        part = 1.0
+        if cur.reduction == "sum" and record.batch is not None:
+            part = record.batch / z.shape[0]
         curv = [[0.0] * n for _ in range(n)]
         damp = [[0.0] * n for _ in range(n)]
         for i in range(n):
             for j in range(i, n):
                 form = output_hessian_form(z, jvs[i], jvs[j], cur.likelihood, cur.reduction)
-                curv[i][j] = curv[j][i] = form
+                curv[i][j] = curv[j][i] = part * form
                 damp[i][j] = damp[j][i] = _weighted_sq(directions[i], directions[j], dampings)
         g = tuple(_dot(grads, v) for v in directions)
         # The loss is >= 0: a model that predicts a decrease of more than `max_decrease`
         # of it is trusted less, its damping doubled until it does not.
-        loss = negative_log_likelihood(z, targets, cur.likelihood, cur.reduction)
+        loss = part * negative_log_likelihood(z, targets, cur.likelihood, cur.reduction)
         factor = 1.0
         for _ in range(60):
             K = tuple(tuple(curv[i][j] + factor * damp[i][j] for j in range(n)) for i in range(n))
@@ -210,6 +249,9 @@ class QuadraticStep:
         self.mu = coeffs[1] if n == 2 else 0.0
         self.model_change = change
         self.ready = True
+        grad_dot = sum(c * gk for c, gk in zip(coeffs, g))
+        quad = sum(coeffs[i] * curv[i][j] * coeffs[j] for i in range(n) for j in range(n))
+        self._solved = (grad_dot, quad)
 
     def state_dict(self) -> dict:
         return {"alpha": self.alpha, "mu": self.mu, "ready": self.ready,
@@ -231,11 +273,21 @@ class ReductionRatio:
         modules: ``{layer name: module}`` of the preconditioned layers (their parameters
             get the ``λ_l‖δ‖²`` term; other parameters none).
         likelihood, reduction: as for :class:`QuadraticStep`.
+        rule: the :class:`QuadraticStep` sizing the updates, if any. When the update taken
+            is a multiple ``s·u`` of the one it solved for on the recorded step (plain SGD
+            applies ``lr·u``) and no other parameter moved, ``M(s·u)`` comes from its
+            :class:`UpdateTerms` and ``ρ`` costs one forward pass; otherwise ``M(δ)`` is
+            computed exactly (one more forward-mode pass over the recorded batch).
+
+    Attributes:
+        last: the last ``ρ``; ``exact``: whether it used the forward-mode ``M(δ)``.
     """
 
     def __init__(self, tap: ModelTap, modules: Mapping[str, nn.Module], likelihood: str,
-                 reduction: str) -> None:
+                 reduction: str, rule: QuadraticStep | None = None) -> None:
         self.tap = tap
+        self.rule = rule
+        self.exact = False
         self.model = tap.model
         self.modules = modules
         self.likelihood = likelihood
@@ -251,8 +303,9 @@ class ReductionRatio:
     def pending(self) -> bool:
         return self._pending is not None
 
-    def record(self, layer_grads: Mapping[str, Tensor]) -> bool:
-        """Keep this step's batch, targets, loss, gradient and parameters. ``layer_grads``:
+    def record(self, layer_grads: Mapping[str, Tensor], step: int | None = None) -> bool:
+        """Keep this step's batch, targets, loss, gradient and parameters (and the rule's
+        :class:`UpdateTerms` when it solved on step ``step``). ``layer_grads``:
         ``∇W̄`` of the preconditioned layers before preconditioning; other parameters'
         gradients are read from ``.grad``. ``False`` when there is no tapped pass or the
         loss is not the likelihood's."""
@@ -269,15 +322,25 @@ class ReductionRatio:
         for layer, mat in layer_grads.items():
             for param, tensor in matrix_params(self.modules[layer], mat):
                 grads[param_names[param]] = tensor.detach().clone()
+        outputs = record.outputs
+        if outputs.dtype in (torch.float16, torch.bfloat16):
+            # An autocast pass: the loss after the step is evaluated in the model's own
+            # dtype, so the loss before it must be too (else ρ measures rounding).
+            outputs, _ = output_jvp(self.model, record.args, record.kwargs, {})
         self._pending = {
             "args": record.args,
             "kwargs": record.kwargs,
             "targets": targets,
-            "loss": negative_log_likelihood(record.outputs, targets, self.likelihood,
+            "loss": negative_log_likelihood(outputs, targets, self.likelihood,
                                             self.reduction),
             "grads": grads,
             "params": {n: p.detach().clone() for n, p in self.model.named_parameters()},
         }
+        terms = None if self.rule is None else self.rule.terms
+        if terms is not None and step is not None and terms.step == step:
+            self._pending["terms"] = {"step": step, "update": dict(terms.update),
+                                      "grad_dot": terms.grad_dot,
+                                      "curvature": terms.curvature}
         return True
 
     def ratio(self, dampings: Mapping[str, float]) -> float | None:
@@ -294,12 +357,14 @@ class ReductionRatio:
         new_out, _ = output_jvp(self.model, args, kwargs, {})
         actual = negative_log_likelihood(new_out, pending["targets"], self.likelihood,
                                          self.reduction) - pending["loss"]
-        old_out, jv = output_jvp(self.model, args, kwargs, delta, pending["params"])
-        quad = output_hessian_form(old_out, jv, jv, self.likelihood, self.reduction)
-        weights = {p: dampings[layer] for layer, ps in self._layer_params.items() for p in ps}
-        predicted = _dot(pending["grads"], delta) + 0.5 * (
-            quad + _weighted_sq(delta, delta, weights)
-        )
+        terms = pending.get("terms")
+        terms = None if terms is None else UpdateTerms(**terms)
+        scale = self._multiple(terms, delta)
+        self.exact = scale is None
+        if scale is not None:
+            predicted = terms.model_change(scale, dampings)
+        else:
+            predicted = self._exact_change(pending, delta, dampings)
         if predicted < 0:
             self.last = actual / predicted
         else:
@@ -307,6 +372,34 @@ class ReductionRatio:
             # past its minimum): when the loss did rise, that is the worst agreement.
             self.last = -math.inf if actual >= 0 else None
         return self.last
+
+    def _multiple(self, terms: UpdateTerms | None, delta: Mapping[str, Tensor]
+                  ) -> float | None:
+        """``s`` when ``delta`` is ``s·u`` (to the parameters' rounding) for the solved
+        update ``u`` and moves nothing else; else ``None``."""
+        if terms is None:
+            return None
+        names = {p: n for n, p in self.model.named_parameters()}
+        u = {names[p]: t for layer, mat in terms.update.items()
+             for p, t in matrix_params(self.modules[layer], mat)}
+        if any(n not in u and bool(torch.any(d != 0)) for n, d in delta.items()):
+            return None
+        uu = _dot(u, u)
+        if uu == 0.0:
+            return None
+        scale = _dot(delta, u) / uu
+        residual = sum(torch.sum((delta[n] - scale * t) ** 2).item() for n, t in u.items())
+        tol = math.sqrt(torch.finfo(next(iter(u.values())).dtype).eps)
+        return scale if residual <= tol * tol * _dot(delta, delta) else None
+
+    def _exact_change(self, pending: dict, delta: Mapping[str, Tensor],
+                      dampings: Mapping[str, float]) -> float:
+        """``M(δ)`` by a forward-mode pass over the recorded batch at the old parameters."""
+        old_out, jv = output_jvp(self.model, pending["args"], pending["kwargs"], delta,
+                                 pending["params"])
+        quad = output_hessian_form(old_out, jv, jv, self.likelihood, self.reduction)
+        weights = {p: dampings[layer] for layer, ps in self._layer_params.items() for p in ps}
+        return _dot(pending["grads"], delta) + 0.5 * (quad + _weighted_sq(delta, delta, weights))
 
     def state_dict(self) -> dict | None:
         """The pending record (its inputs must be tensors to be saved; otherwise it is
@@ -374,7 +467,7 @@ class LevenbergMarquardt(HeldDamping):
                 lower, upper = config.damping_bounds
                 self.damping = lm_update(self._lambda(config), rho, omega, lower, upper)
         if record.step % config.T_lm == 0:
-            self.ratio.record(record.grads)
+            self.ratio.record(record.grads, record.step)
 
     def state_dict(self) -> dict:
         return {
@@ -431,6 +524,8 @@ class QuadraticModel:
         elif self.ratio is None or self.ratio.likelihood != config.likelihood:
             self.ratio = ReductionRatio(self.tap, self.modules, config.likelihood,
                                         self.reduction)
+        if self.ratio is not None:
+            self.ratio.rule = self.rule
 
     def arm(self, config: PreconditionerConfig, step: int) -> None:
         """Forget the last pass; tap the coming one if step ``step`` needs it."""

@@ -50,7 +50,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -64,18 +64,26 @@ __all__ = ["LayerStats", "LayerCapture"]
 
 @dataclass(frozen=True)
 class LayerStats:
-    """One layer's batch rows (docs/math.md §1).
+    """One layer's batch rows (docs/math.md §1), and its gradient matrix of the step.
 
     Attributes:
         a: input rows ``ā``, shape ``(M, P, d_in')``.
         g: per-sample output-gradient rows ``g``, shape ``(M, P, d_out)``.
+        grad: the layer's gradient matrix ``∇W̄`` ``(d_out, d_in')`` as ``.grad`` holds it
+            when ``step()`` folds these rows (after a GradScaler's unscale, before ``Δ``
+            is written): for an estimate that is not a function of the rows (a diagonal
+            ``E[∇W̄ ⊙ ∇W̄]``, Shampoo's ``∇W̄ ∇W̄ᵀ`` and ``∇W̄ᵀ ∇W̄``). The preconditioner
+            fills it for every layer it hands statistics to; ``None`` where rows alone are
+            passed (a hand-built ``LayerStats``).
 
-    The rows may share memory with the recorded layer input or output gradient (no copy
-    is made where none is needed): treat them as read-only, and copy what you keep.
+    The tensors may share memory with the recorded layer input or output gradient and
+    with ``.grad`` (no copy is made where none is needed): treat them as read-only, and
+    copy what you keep.
     """
 
     a: Tensor
     g: Tensor
+    grad: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -86,7 +94,12 @@ class LayerStats:
         return self.a.shape[1]
 
     def to(self, dtype: torch.dtype) -> LayerStats:
-        return LayerStats(self.a.to(dtype), self.g.to(dtype))
+        grad = None if self.grad is None else self.grad.to(dtype)
+        return LayerStats(self.a.to(dtype), self.g.to(dtype), grad)
+
+    def with_grad(self, grad: Tensor | None) -> LayerStats:
+        """The same rows with ``grad`` (``(d_out, d_in')`` or ``None``) attached."""
+        return replace(self, grad=grad)
 
 
 class _Pass:

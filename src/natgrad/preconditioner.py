@@ -13,8 +13,9 @@ A method is a subclass that names its config class and builds, per layer, one
 :class:`~natgrad.curvature.Curvature` and one :class:`~natgrad.inverses.InverseStrategy`
 (and, optionally, its :class:`~natgrad.damping.DampingPolicy`). This class ties the parts
 together: layer selection (selection.py), the per-layer blocks with their guards
-(block.py), schedules (schedule.py), damping (damping.py), KL clipping (clipping.py), the
-Monte-Carlo Fisher (mc_fisher.py) and sharing between processes (sharing.py).
+(block.py), the phases of one step (step.py), schedules (schedule.py), damping
+(damping.py), KL clipping (clipping.py), the Monte-Carlo Fisher (mc_fisher.py), sharing
+between processes (sharing.py) and saving / restoring state (resume.py).
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from torch import Tensor, nn
 from .adaptive import LevenbergMarquardt, QuadraticModel
 from .batching import resolve_batch_dims
 from .block import LayerBlock
-from .capture import LayerCapture, LayerStats
-from .clipping import KLClipping, learning_rates
+from .capture import LayerCapture
+from .clipping import KLClipping
 from .config import PreconditionerConfig
 from .curvature import Curvature
-from .damping import ConstantDamping, DampingPolicy, LayerDamping, StepRecord
+from .damping import ConstantDamping, DampingPolicy, LayerDamping
 from .errors import (  # noqa: F401 - re-exported: natgrad.preconditioner.*Warning
     ClippingWarning,
     NumericalWarning,
@@ -45,14 +46,13 @@ from .errors import (  # noqa: F401 - re-exported: natgrad.preconditioner.*Warni
 from .gate import StepGate
 from .inverses import InverseStrategy
 from .mc_fisher import backpropagate_sampled_targets
-from .resume import check_fixed_settings, check_layer_state
+from .resume import check_loadable, load_state, save_state
 from .schedule import Schedule
 from .selection import select_layers
 from .sharing import Local, Sharing
+from .step import Step
 
 __all__ = ["Preconditioner", "ClippingWarning", "NumericalWarning", "UnsupportedLayerWarning"]
-
-STATE_VERSION = 1
 
 
 class Preconditioner(ABC):
@@ -85,6 +85,8 @@ class Preconditioner(ABC):
     config_class: ClassVar[type[PreconditionerConfig]] = PreconditionerConfig
     #: Config fields :meth:`configure` refuses to change (they decide what a layer stores).
     fixed_fields: ClassVar[tuple[str, ...]] = ()
+    #: This method's settings on top of :data:`natgrad.compose.RECOMMENDED` in ``build``.
+    recommended: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -197,32 +199,16 @@ class Preconditioner(ABC):
 
     # ------------------------------------------------------------------ the step
     def step(self) -> None:
-        """Update curvature/inverses on schedule and rewrite ``.grad`` into ``Δ``.
+        """Update curvature/inverses on schedule and rewrite ``.grad`` into ``Δ`` (the
+        phases: natgrad/step.py).
 
         Raises:
             RuntimeError: no gradient (call ``loss.backward()`` first), KL clipping without
                 an optimizer, or a misuse natgrad/gate.py lists (a second step for one
                 backward, a step after remove(), fisher="mc" without sample_fisher()).
         """
-        grads, scale = begin_step(self)
-        if scale is None:  # skipped (natgrad/gate.py): no statistics, .grad as it is
+        if not Step(self).run():  # skipped (natgrad/gate.py): no statistics, .grad as it is
             return
-        step, config = self.steps, self.config
-        refresh = self.schedule.refreshes(config, step)
-        stats = self._capture.pop(loss_scale=scale) if self._capture.active else {}
-        if self.schedule.updates_curvature(config, step):
-            fold_all(self, stats)
-        damping = self.damping_policy.resolve(config, self.layers, refresh)
-        if refresh:
-            self._sharing.refresh(self.layers, damping[0])
-        observe_all(self, stats, step)
-        damping = self.damping_policy.settle(config, self.layers, refresh, damping)
-        deltas = self._sharing.precondition(self.layers, grads, *damping)
-        deltas = step_size(self, step, grads, deltas, damping[0])
-        write_deltas(self, deltas)
-        self.schedule.stale = False
-        self.damping_policy.observe_step(StepRecord(step, self.layers, grads, deltas, refresh,
-                                                    damping))
         self.steps += 1
         self._sync()
 
@@ -321,53 +307,6 @@ def describe(pre: Preconditioner) -> str:
     return "\n".join(lines)
 
 
-def begin_step(pre: Preconditioner) -> tuple[dict[str, Tensor], float | None]:
-    """The gradient matrices and the loss scale of :meth:`Preconditioner.step`, after the
-    checks of natgrad/gate.py; scale ``None``: the step is skipped (and is left so)."""
-    for block in pre.layers.values():
-        block.follow_parameters()  # model.double() / .to(device) after building
-    grads = pre.grad_matrices()
-    needs_samples = pre.fisher == "mc" and pre._capture.active
-    scale = pre._gate.open(param_grads(pre.layers), grads, pre.optimizer, needs_samples)
-    check_ready(pre, grads)
-    if scale is None:
-        pre._capture.clear()
-        pre._gate.close(param_grads(pre.layers))
-    elif pre._capture.active:
-        warn_uncalled(pre._faults, grads, pre._capture.called)
-    return grads, scale
-
-
-def fold_all(pre: Preconditioner, stats: Mapping[str, LayerStats]) -> None:
-    """Fold this step's rows into every layer's curvature (through the sharing strategy)."""
-    for name, block in pre.layers.items():
-        if name in stats:
-            update = pre._sharing.curvature_update(block.curvature)
-            block.fold(stats[name], pre.config.decay, update)
-
-
-def observe_all(pre: Preconditioner, stats: Mapping[str, LayerStats], step: int) -> None:
-    """Fold the batch into what each inverse fits in its own basis (EKFAC's ``S``), on the
-    inverse's schedule, once it is ready."""
-    decay = pre.observe_decay()
-    for name, block in pre.layers.items():
-        observes = pre.schedule.observes(pre.config, step, block.inverse)
-        if name in stats and observes and block.inverse.ready:
-            block.observe(stats[name], decay, pre._sharing.observation(block.inverse))
-
-
-def write_deltas(pre: Preconditioner, deltas: Mapping[str, Tensor]) -> None:
-    """``.grad ← Δ``; the gate remembers the gradients as this step leaves them."""
-    for name, delta in deltas.items():
-        pre.layers[name].write_grad_matrix(delta)
-    pre._gate.close(param_grads(pre.layers))
-
-
-def param_grads(layers: Mapping[str, LayerBlock]) -> dict[str, list[Tensor | None]]:
-    """``{layer name: the .grad of each of its parameters}`` (natgrad/gate.py)."""
-    return {name: [p.grad for p in b.module.parameters()] for name, b in layers.items()}
-
-
 def make_capture(
     model: nn.Module,
     layers: Mapping[str, LayerBlock],
@@ -392,21 +331,6 @@ def make_capture(
     return capture
 
 
-def warn_uncalled(faults: WarnOnce, grads: Mapping[str, Tensor], called: set[str]) -> None:
-    """Warn once per layer that has a gradient although its module was never called."""
-    for name in grads:
-        if name not in called:
-            faults.warn(
-                name,
-                "uncalled",
-                f"layer {name!r} has a gradient but its module was never called (its "
-                "weight used directly, e.g. F.linear(x, layer.weight)): natgrad cannot "
-                "see its inputs, so its gradient is not preconditioned (only KL-clipped); "
-                "exclude it to say so",
-                UnsupportedLayerWarning,
-            )
-
-
 def check_arguments(model: nn.Module, fisher: str, loss_reduction: str) -> None:
     """The constructor's checks of its own (non-config) arguments."""
     if not isinstance(model, nn.Module):
@@ -415,66 +339,6 @@ def check_arguments(model: nn.Module, fisher: str, loss_reduction: str) -> None:
         raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-
-
-def save_state(pre: Preconditioner) -> dict[str, Any]:
-    """:meth:`Preconditioner.state_dict`."""
-    policy = pre.damping_policy
-    state = {
-        "version": STATE_VERSION,
-        "method": type(pre).__name__,
-        "steps": pre.steps,
-        "stale": pre.schedule.stale,
-        "config": pre.config.as_dict(),
-        "generator": pre._generator.get_state(),
-        "layers": {name: block.state_dict() for name, block in pre.layers.items()},
-    }
-    if policy.state_key is not None:
-        state[policy.state_key] = policy.state_dict()
-    state["quadratic_step"] = pre.quadratic_model.state_dict()
-    return state
-
-
-def load_state(pre: Preconditioner, state: Mapping[str, Any]) -> None:
-    """The counters, per-layer and damping state of :meth:`Preconditioner.load_state_dict`."""
-    for name, block in pre.layers.items():
-        block.load_state_dict(state["layers"][name])
-    pre.steps = int(state["steps"])
-    pre.schedule.stale = bool(state["stale"])
-    pre._generator.set_state(state["generator"])
-    if pre.damping_policy.state_key is not None:
-        pre.damping_policy.load_state_dict(state.get(pre.damping_policy.state_key))
-    pre.quadratic_model.load_state_dict(state.get("quadratic_step"))
-
-
-def check_loadable(pre: Preconditioner, state: Mapping[str, Any]) -> None:
-    """Every check of :meth:`Preconditioner.load_state_dict`, before it changes anything:
-    version, method, layer names, config, fixed settings, each layer's state and shapes."""
-    check_state(state, type(pre).__name__, pre.layers)
-    missing = sorted({"steps", "stale", "config", "generator"} - set(state))
-    if missing:
-        raise ValueError(f"state is missing {missing}: not a complete state_dict()")
-    pre.config_class(**state["config"])
-    check_fixed_settings(state["config"], pre.config.as_dict(), pre.fixed_fields)
-    for name, block in pre.layers.items():
-        saved = state["layers"][name]
-        check_layer_state(name, block.shape, block.curvature, block.inverse, saved)
-
-
-def check_state(state: Mapping[str, Any], method: str, layers: Iterable[str]) -> None:
-    """Raise ``ValueError`` unless ``state`` is a :meth:`Preconditioner.state_dict` of this
-    version, by ``method``, over exactly ``layers``."""
-    version = state.get("version")
-    if version != STATE_VERSION:
-        raise ValueError(f"unsupported state version {version!r}; expected {STATE_VERSION}")
-    if state.get("method") != method:
-        raise ValueError(f"state was saved by {state.get('method')!r}, not {method!r}")
-    saved, ours = set(state["layers"]), set(layers)
-    if saved != ours:
-        raise ValueError(
-            f"saved layers do not match this model's: missing {sorted(ours - saved)}, "
-            f"unexpected {sorted(saved - ours)}"
-        )
 
 
 def damping_policy(pre: Preconditioner) -> DampingPolicy:
@@ -493,54 +357,3 @@ def resync_adaptive(
     pre.quadratic_model.sync(new)
     if rebuild or new.lm_damping != old.lm_damping:
         pre.damping_policy = damping_policy(pre)
-
-
-def step_size(
-    pre: Preconditioner,
-    step: int,
-    grads: Mapping[str, Tensor],
-    deltas: Mapping[str, Tensor],
-    dampings: Mapping[str, float],
-) -> dict[str, Tensor]:
-    """What :meth:`Preconditioner.step` writes into ``.grad``: with
-    ``step_size="quadratic"`` the quadratic model's ``−u`` (natgrad/adaptive.py), falling
-    back to ``Δ`` KL-clipped (``kl_clip``) when the model cannot be evaluated; else ``Δ``,
-    KL-clipped when ``kl_clip`` is set."""
-    config, model = pre.config, pre.quadratic_model
-    if config.step_size == "quadratic":
-        model.check_optimizer(pre.optimizer)
-        update = model.update(step, grads, deltas, dampings)
-        if update is not None:
-            return update
-        pre._faults.warn(
-            "*", "quadratic",
-            "the quadratic model could not size this step (no recorded forward/backward "
-            "pass of the root model, or a loss that is not the likelihood's "
-            f"{config.likelihood!r} negative log-likelihood); "
-            + ("used the KL-clipped step" if config.kl_clip is not None else "used Δ as is"),
-        )
-    if config.kl_clip is None:
-        return dict(deltas)
-    lrs = learning_rates(pre.optimizer, {n: b.module for n, b in pre.layers.items()})
-    return pre._clipping.clip(config.kl_clip, deltas, grads, lrs)
-
-
-def check_ready(pre: Preconditioner, grads: Mapping[str, Tensor]) -> None:
-    """Raise ``RuntimeError`` when :meth:`Preconditioner.step` cannot run."""
-    if not grads:
-        raise RuntimeError(
-            "step() found no gradient on any preconditioned layer: call loss.backward() "
-            "before step()"
-        )
-    adaptive = pre.config.step_size == "quadratic" or pre.config.lm_damping
-    if adaptive and pre.distributed is not None:
-        raise RuntimeError(
-            "step_size='quadratic' and lm_damping are not supported with data parallelism "
-            "yet (each worker would size its step on its own rows); use step_size='lr' and "
-            "lm_damping=False with distributed="
-        )
-    if pre.config.kl_clip is not None and pre.optimizer is None:
-        raise RuntimeError(
-            "KL clipping (kl_clip set) needs the learning rate: pass optimizer= to the "
-            "constructor or call attach(optimizer), or set kl_clip=None"
-        )

@@ -126,6 +126,13 @@ class ModelTap:
             batch,
         )
 
+    def unscale(self, loss_scale: float) -> None:
+        """Divide the recorded output gradient by ``loss_scale`` (a GradScaler's: the tap
+        saw ``∂(s·loss)/∂outputs``), so that it is the gradient of the loss itself."""
+        record = self.last
+        if record is not None and record.output_grad is not None and loss_scale != 1.0:
+            record.output_grad = record.output_grad / loss_scale
+
     def clear(self) -> None:
         """Forget the recorded pass (it holds references to the batch)."""
         self.last = None
@@ -199,6 +206,8 @@ def negative_log_likelihood(
     ``(M, C)`` or ``½‖targets − outputs‖²`` per sample, averaged (or summed)."""
     _check_likelihood(likelihood)
     outputs = outputs.reshape(outputs.shape[0], -1)
+    if outputs.dtype in (torch.float16, torch.bfloat16):
+        outputs = outputs.float()
     targets = targets.reshape(targets.shape[0], -1).to(outputs.dtype)
     if likelihood == "gaussian":
         per = 0.5 * ((targets - outputs) ** 2).sum(1)
@@ -221,12 +230,15 @@ def recover_targets(
     """
     _check_likelihood(likelihood)
     z = outputs.reshape(outputs.shape[0], -1)
+    if z.dtype in (torch.float16, torch.bfloat16):  # autocast outputs: check in float32
+        z = z.float()
     scale = (batch or z.shape[0]) if reduction == "mean" else 1.0
     grad = output_grad.reshape(z.shape).to(z.dtype) * scale
     if likelihood == "gaussian":
         return z - grad
     y = torch.softmax(z, dim=1) - grad
-    tol = 1e-3
+    # A low-precision output gradient (autocast) carries its dtype's rounding into y.
+    tol = max(1e-3, 4 * torch.finfo(output_grad.dtype).eps)
     if not (torch.all(y > -tol) and torch.allclose(y.sum(1), torch.ones_like(y[:, 0]), atol=tol)):
         return None
     return y

@@ -3,8 +3,8 @@
 from .base import Curvature, NonFiniteStatistics
 from .batch_matrices import BatchMatrices
 from .diagonal_switch import DiagonalSwitchFactors
-from .kronecker import KroneckerFactors
+from .kronecker import KroneckerFactors, ThinnedKroneckerFactors
 from .trace_restricted import TraceRestrictedFactors
 
-__all__ = ["Curvature", "NonFiniteStatistics", "KroneckerFactors", "TraceRestrictedFactors"]
+__all__ = ["Curvature", "NonFiniteStatistics", "KroneckerFactors", "ThinnedKroneckerFactors", "TraceRestrictedFactors"]
 __all__ += ["BatchMatrices", "DiagonalSwitchFactors"]

@@ -28,6 +28,12 @@ class Curvature(Stateful, ABC):
 
     Subclasses implement :meth:`update` (a running-average step from one batch's rows)
     and :meth:`factors` (the dense Kronecker factors, for introspection).
+
+    What :meth:`update` receives: the rows ``stats.a`` ``(M, P, d_in')`` and ``stats.g``
+    ``(M, P, d_out)`` that Kronecker-factored estimates are built from, and, in the step
+    that folds them, the layer's gradient matrix ``stats.grad`` ``(d_out, d_in')`` (read
+    from ``.grad`` by the layer's handler), for an estimate built from the gradient
+    itself: a diagonal ``E[∇W̄ ⊙ ∇W̄]`` or Shampoo's ``∇W̄ ∇W̄ᵀ``, ``∇W̄ᵀ ∇W̄``.
     """
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> None:
@@ -44,8 +50,10 @@ class Curvature(Stateful, ABC):
     def update(self, stats: LayerStats, decay: float) -> None:
         """Fold one batch into the running estimate (``X ← ε X + (1−ε) X_batch``).
 
-        Must leave the estimate untouched and raise :class:`NonFiniteStatistics` if the
-        batch statistics are not finite.
+        ``stats``: the batch's rows and, when the preconditioner folds them in a step,
+        ``stats.grad``, the gradient matrix ``∇W̄`` ``(d_out, d_in')`` (``None`` when only
+        rows are given). Must leave the estimate untouched and raise
+        :class:`NonFiniteStatistics` if the batch statistics are not finite.
         """
 
     @abstractmethod

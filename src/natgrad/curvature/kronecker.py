@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from ..capture import LayerStats
 from ..linalg import all_finite, gram, input_factor, output_factor
 from .base import Curvature, check_finite
 
-__all__ = ["KroneckerFactors"]
+__all__ = ["KroneckerFactors", "ThinnedKroneckerFactors", "thin_positions"]
 
 
 class KroneckerFactors(Curvature):
@@ -49,3 +52,46 @@ class KroneckerFactors(Curvature):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.A, self.G
+
+
+def thin_positions(stats: LayerStats, positions: int, generator: torch.Generator) -> LayerStats:
+    """The rows of ``positions`` of each sample's ``P`` positions, drawn uniformly without
+    replacement (the same positions for ``a`` and ``g``), ``ā`` scaled by ``sqrt(P/s)``:
+    ``(M, P, ·)`` → ``(M, s, ·)`` with ``s = min(positions, P)``.
+
+    Both factors stay unbiased: ``A = (1/M) Σ_i Σ_t ā āᵀ`` sums over positions (hence
+    the scale) and ``G = (1/(M|T|)) Σ_i Σ_t g gᵀ`` averages over them (the ``M·s`` rows).
+    """
+    m, p = stats.a.shape[:2]
+    s = min(positions, p)
+    if s == p:
+        return stats
+    index = torch.rand(m, p, generator=generator).argsort(dim=1)[:, :s].to(stats.a.device)
+
+    def pick(rows: Tensor) -> Tensor:
+        return torch.gather(rows, 1, index.unsqueeze(-1).expand(m, s, rows.shape[-1]))
+
+    return LayerStats(pick(stats.a).mul_(math.sqrt(p / s)), pick(stats.g))
+
+
+class ThinnedKroneckerFactors(KroneckerFactors):
+    """:class:`KroneckerFactors` from at most ``positions`` output positions per sample
+    (:func:`thin_positions`; the Spatial Subsampling of Tang et al. 2021 applied to
+    K-FAC's running factors): a convolution's ``(M·P) × d_in'`` Gram costs ``s/P`` of
+    the full one. Layers with fewer positions (``nn.Linear``: ``P = 1``) are unchanged.
+
+    The positions of update ``k`` are drawn from a private generator seeded with ``k``
+    (:attr:`draws` is state): the global RNG is never touched and resume is exact.
+    """
+
+    _state_keys = ("A", "G", "draws")
+
+    def __init__(self, *args, positions: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.positions = positions
+        self.draws = 0
+
+    def update(self, stats: LayerStats, decay: float) -> None:
+        generator = torch.Generator().manual_seed(self.draws)
+        super().update(thin_positions(stats, self.positions, generator), decay)
+        self.draws += 1

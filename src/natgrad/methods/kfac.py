@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import PreconditionerConfig, check_positive_int
-from ..curvature import KroneckerFactors
+from ..curvature import KroneckerFactors, ThinnedKroneckerFactors
 from ..inverses import EigenInverse, FactoredInverse, InverseStrategy, LowRankFactoredInverse
 from ..preconditioner import Preconditioner
 
@@ -21,6 +21,11 @@ class KFACConfig(PreconditionerConfig):
         inverse: ``"factored"`` — ``Δ = G_d⁻¹ ∇W̄ A_d⁻¹`` with factored Tikhonov damping
             (Cholesky inverses; cheapest); ``"eigen"`` — eigendecompositions with damping
             ``λ`` on the Kronecker product exactly, ``(A ⊗ G + λI)⁻¹``.
+        statistics_positions: the factors of a layer with several output positions per
+            sample (``nn.Conv2d``: ``P = H_out·W_out``) are computed from at most this
+            many of them, drawn afresh at each curvature update and scaled so that ``A``
+            and ``G`` stay unbiased (:func:`~natgrad.curvature.kronecker.thin_positions`);
+            ``None`` (default): all of them.
         low_rank: ``k`` (integer >= 1), or ``None`` (off): with ``inverse="factored"``, a
             factor wider than ``max(low_rank_above, k)`` — ``A`` ``(d_in', d_in')`` or ``G``
             ``(d_out, d_out)`` — is kept as its top-``k`` eigenpairs ``U`` ``(n, k)``,
@@ -37,11 +42,14 @@ class KFACConfig(PreconditionerConfig):
     damping: float = 1e-1
     kl_clip: float | None = 1e-3
     inverse: str = "factored"
+    statistics_positions: int | None = None
     low_rank: int | None = None
     low_rank_above: int = 2048
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.statistics_positions is not None:
+            check_positive_int("statistics_positions", self.statistics_positions)
         if self.inverse not in ("factored", "eigen"):
             raise ValueError(f"inverse must be 'factored' or 'eigen', got {self.inverse!r}")
         if self.low_rank is not None:
@@ -68,10 +76,15 @@ class KFAC(Preconditioner):
 
     config_class = KFACConfig
     # These decide what each layer stores.
-    fixed_fields = ("inverse", "low_rank", "low_rank_above")
+    fixed_fields = ("inverse", "statistics_positions", "low_rank", "low_rank_above")
+    # build("kfac", model): the conv factors from 49 positions per sample (docs/defaults.md).
+    recommended = {"statistics_positions": 49}
 
     def make_curvature(self, shape, dtype, device) -> KroneckerFactors:
-        return KroneckerFactors(shape, dtype, device)
+        positions = self.config.statistics_positions
+        if positions is None:
+            return KroneckerFactors(shape, dtype, device)
+        return ThinnedKroneckerFactors(shape, dtype, device, positions=positions)
 
     def make_inverse(self, shape, dtype, device) -> InverseStrategy:
         if self.config.inverse == "eigen":

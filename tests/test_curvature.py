@@ -1,5 +1,9 @@
-"""SKFAC (Tang et al. 2021): Woodbury application, Reduce-Sum / Spatial-Subsampling rows and the
-running batch matrices, against dense references in float64."""
+"""Curvature estimates against dense references in float64: trace-restricted factors
+(TKFAC's δ, Φ, Ψ), diagonal accumulation (SM-K-FAC), batch matrices with Reduce-Sum /
+Spatial-Subsampling rows and their running average (SKFAC, both readings), how close
+each estimate is to the exact Fisher, and an estimate built from the gradient matrix (the
+hook a diagonal or Shampoo-like method uses). (Kronecker factors themselves:
+test_capture.py and the dense-solve tests of test_inverses.py.)"""
 
 import copy
 import itertools
@@ -8,12 +12,26 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ShapeRecorder, digit_batches, digits_cnn, train
-from reference import patches_by_loops, per_sample_output_grads, unvec, vec
+from helpers import ShapeRecorder, feed, one_step, random_batch, random_stats, tiny_cnn, tiny_mlp
+from reference import (
+    eigen_corrected_block,
+    exact_fisher,
+    patches_by_loops,
+    per_sample_output_grads,
+    reference_rows,
+)
 from torch import nn
 
 import natgrad
-from natgrad.curvature import BatchMatrices, KroneckerFactors, NonFiniteStatistics
+from natgrad.capture import LayerStats
+from natgrad.curvature import (
+    BatchMatrices,
+    Curvature,
+    DiagonalSwitchFactors,
+    KroneckerFactors,
+    NonFiniteStatistics,
+    TraceRestrictedFactors,
+)
 from natgrad.curvature.batch_matrices import (
     batch_matrices,
     blend_rows,
@@ -21,99 +39,157 @@ from natgrad.curvature.batch_matrices import (
     sample_positions,
     subsample_rows,
 )
-from natgrad.inverses import FactoredInverse, WoodburyInverse
-from natgrad.inverses.woodbury import (
-    woodbury_cholesky,
-    woodbury_explicit,
-    woodbury_left,
-    woodbury_right,
-)
-from natgrad.linalg import DecompositionError, input_factor, output_factor
+from natgrad.curvature.diagonal_switch import input_diagonal, output_diagonal
+from natgrad.inverses import EigenCorrectedInverse, InverseStrategy, WoodburyInverse
+from natgrad.linalg import input_factor, output_factor
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 CPU = torch.device("cpu")
 
 
-def dense_damped_inverse(Y, damping):
-    """``(λI + YᵀY/m)⁻¹`` the slow, obvious way."""
-    n = Y.shape[1]
-    return torch.linalg.inv(damping * torch.eye(n) + Y.T @ Y / Y.shape[0])
+# ---------------------------------------------------------------- distance to the exact Fisher
 
 
-def curvature_from(Y_A, Y_G):
-    curv = BatchMatrices((Y_G.shape[1], Y_A.shape[1]), torch.float64, CPU)
-    curv.Y_A, curv.Y_G = Y_A, Y_G
-    return curv
+@pytest.mark.parametrize("model_fn", [tiny_mlp, tiny_cnn])
+def test_eigen_corrections_are_closer_to_the_exact_fisher(model_fn):
+    """George et al. 2018 §3 and Gao et al. 2020, Theorem 3.1, on one batch with decay 0."""
+    errors = {}
+    base = model_fn()
+    x, y = random_batch(base, m=16)
+    for cls in (natgrad.KFAC, natgrad.EKFAC, natgrad.TKFAC, natgrad.TEKFAC):
+        model = copy.deepcopy(base)
+        pre, _ = one_step(cls, model, x, y)
+        for name, layer in pre.layers.items():
+            exact = exact_fisher(model, name, x, y)
+            if cls in (natgrad.EKFAC, natgrad.TEKFAC):
+                approx = eigen_corrected_block(layer.inverse)
+                # both corrections keep the trace exactly, for any layer type
+                trace = torch.trace(exact).item()
+                assert torch.trace(approx).item() == pytest.approx(trace, rel=1e-10)
+            else:
+                A, G = layer.curvature.factors()
+                approx = torch.kron(A, G)
+            errors[cls.__name__, name] = torch.linalg.matrix_norm(exact - approx).item()
+    for name in pre.layers:
+        assert errors["EKFAC", name] <= errors["KFAC", name] * (1 + 1e-12)
+        assert errors["TEKFAC", name] <= errors["TKFAC", name] * (1 + 1e-12)
+        assert errors["EKFAC", name] < errors["KFAC", name]  # strictly, on these data
 
 
-# ---------------------------------------------------------------- Woodbury application
-@pytest.mark.parametrize("m,n", [(5, 12), (3, 40), (12, 12), (20, 7)])
-def test_woodbury_left_and_right_equal_the_dense_inverse(m, n):
-    torch.manual_seed(m * n)
-    Y, damping = torch.randn(m, n), 0.07
-    X_inv = dense_damped_inverse(Y, damping)
-    L = woodbury_cholesky(Y, damping)
-    V_left, V_right = torch.randn(n, 4), torch.randn(3, n)
-    torch.testing.assert_close(
-        woodbury_left(Y, L, damping, V_left), X_inv @ V_left, rtol=1e-9, atol=1e-11
-    )
-    torch.testing.assert_close(
-        woodbury_right(V_right, Y, L, damping), V_right @ X_inv, rtol=1e-9, atol=1e-11
-    )
-    if m < n:
-        torch.testing.assert_close(woodbury_explicit(Y, L, damping), X_inv, rtol=1e-9, atol=1e-11)
+# ---------------------------------------------------------------- trace-restricted factors (TKFAC)
 
 
-# d_out=6, d_in'=15: Woodbury on both (m=2), Woodbury / explicit from the m×m Cholesky
-# (m=4), explicit / direct (m=9), direct on both (m=30)
-@pytest.mark.parametrize("m", [2, 4, 9, 30])
-def test_woodbury_inverse_applies_the_damped_kronecker_inverse(m):
-    torch.manual_seed(m)
-    d_out, d_in, damping = 6, 15, 0.03
-    Y_A, Y_G = torch.randn(m, d_in), torch.randn(m, d_out)
-    inv = WoodburyInverse(torch.float64, CPU)
-    inv.refresh(curvature_from(Y_A, Y_G), damping)
-    assert (inv.inv_A is None) == (2 * m < d_in) and (inv.inv_G is None) == (2 * m < d_out)
-    V = torch.randn(d_out, d_in)
-    A = Y_A.T @ Y_A / m + damping * torch.eye(d_in)
-    G = Y_G.T @ Y_G / m + damping * torch.eye(d_out)
-    ref = unvec(torch.linalg.solve(torch.kron(A, G), vec(V)), V.shape)
-    torch.testing.assert_close(inv.apply(V, damping), ref, rtol=1e-9, atol=1e-11)
-    # the damping is that of the refresh, whatever apply is passed
-    torch.testing.assert_close(inv.apply(V, 123.0), ref, rtol=1e-9, atol=1e-11)
+@pytest.mark.parametrize(
+    "model_fn", [tiny_mlp, tiny_cnn, lambda: tiny_cnn(stride=1, padding=0, bias=False)]
+)
+def test_delta_phi_psi_equal_their_per_sample_formulas(model_fn):
+    model = model_fn()
+    x, y = random_batch(model)
+    pre, _ = one_step(natgrad.TKFAC, model, x, y)
+    for name, layer in pre.layers.items():
+        a, g = reference_rows(model, name, x, y)
+        p = a.shape[1]
+        Lam = [a_i.T @ a_i for a_i in a]  # Λ_i = Σ_t ā ā ᵀ
+        Gam = [g_i.T @ g_i / p for g_i in g]  # Γ_i = (1/|T|) Σ_t g gᵀ
+        delta = sum(torch.trace(L) * torch.trace(G) for L, G in zip(Lam, Gam)) / len(x)
+        Phi = sum(torch.trace(G) * L for L, G in zip(Lam, Gam)) / len(x) / delta
+        Psi = sum(torch.trace(L) * G for L, G in zip(Lam, Gam)) / len(x) / delta
+        curv = layer.curvature
+        assert curv.delta == pytest.approx(delta.item(), rel=1e-11)
+        torch.testing.assert_close(curv.Phi, Phi, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(curv.Psi, Psi, rtol=1e-10, atol=1e-14)
+        assert torch.trace(curv.Phi).item() == pytest.approx(1.0, abs=1e-12)
+        assert torch.trace(curv.Psi).item() == pytest.approx(1.0, abs=1e-12)
+        # the block δ Φ⊗Ψ has trace δ; factors() splits δ evenly
+        A, G = curv.factors()
+        assert torch.trace(torch.kron(A, G)).item() == pytest.approx(delta.item(), rel=1e-11)
 
 
-def test_woodbury_path_never_forms_an_n_by_n_matrix():
-    torch.manual_seed(0)
-    m, d_out, d_in = 8, 50, 300
-    curv = curvature_from(torch.randn(m, d_in), torch.randn(m, d_out))
-    inv = WoodburyInverse(torch.float64, CPU)
+def test_delta_is_the_exact_trace_for_linear_layers():
+    model = tiny_mlp()
+    x, y = random_batch(model)
+    pre, _ = one_step(natgrad.TKFAC, model, x, y)
+    for name, layer in pre.layers.items():
+        trace_F = torch.trace(exact_fisher(model, name, x, y)).item()
+        assert layer.curvature.delta == pytest.approx(trace_F, rel=1e-12)
+
+
+def test_running_averages_keep_unit_traces():
+    curv = TraceRestrictedFactors((3, 4), torch.float64, torch.device("cpu"))
+    for decay in (0.0, 0.9, 0.5):
+        curv.update(LayerStats(torch.randn(5, 3, 4), torch.randn(5, 3, 3)), decay)
+    assert torch.trace(curv.Phi).item() == pytest.approx(1.0, abs=1e-12)
+    assert torch.trace(curv.Psi).item() == pytest.approx(1.0, abs=1e-12)
+    zero = TraceRestrictedFactors((3, 4), torch.float64, torch.device("cpu"))
+    zero.update(LayerStats(torch.randn(5, 1, 4), torch.zeros(5, 1, 3)), 0.0)
+    assert zero.delta == 0.0 and torch.trace(zero.Phi).item() == pytest.approx(1.0)
+
+
+def test_tekfac_equals_ekfac_when_per_sample_norms_are_constant():
+    """Φ = E[‖g‖² ā āᵀ]/δ is A/tr A when ‖g_i‖ is the same for every sample (and Ψ = G/tr G
+    when ‖ā_i‖ is): the bases coincide, so Θ = S and the updates agree at equal damping."""
+    torch.manual_seed(4)
+    a, g = torch.randn(12, 1, 5), torch.randn(12, 1, 3)
+    stats = LayerStats(a / a.norm(dim=-1, keepdim=True), 2 * g / g.norm(dim=-1, keepdim=True))
+    dev, dt = torch.device("cpu"), torch.float64
+    kron, trace = KroneckerFactors((3, 5), dt, dev), TraceRestrictedFactors((3, 5), dt, dev)
+    kron.update(stats, 0.0)
+    trace.update(stats, 0.0)
+    torch.testing.assert_close(trace.Phi, kron.A / torch.trace(kron.A))
+    torch.testing.assert_close(trace.Psi, kron.G / torch.trace(kron.G))
+    ekfac, tekfac = EigenCorrectedInverse(dt, dev), EigenCorrectedInverse(dt, dev)
+    for inv, curv in ((ekfac, kron), (tekfac, trace)):
+        inv.refresh(curv, 1e-3)
+        inv.observe(stats, 0.0)
+    torch.testing.assert_close(tekfac.S, ekfac.S)
+    V = torch.randn(3, 5)
+    torch.testing.assert_close(tekfac.apply(V, 1e-3), ekfac.apply(V, 1e-3))
+    # …and with unequal per-sample norms they differ
+    skewed = LayerStats(a, g)
+    kron.update(skewed, 0.0)
+    trace.update(skewed, 0.0)
+    for inv, curv in ((ekfac, kron), (tekfac, trace)):
+        inv.refresh(curv, 1e-3)
+        inv.observe(skewed, 0.0)
+    assert not torch.allclose(tekfac.apply(V, 1e-3), ekfac.apply(V, 1e-3))
+
+
+# ---------------------------------------------------------------- diagonal accumulation (SM-K-FAC)
+
+
+def test_diagonal_accumulation_after_the_switch_equals_the_full_factors_diagonal():
+    curv = DiagonalSwitchFactors((4, 5), torch.float64, CPU)
+    full = KroneckerFactors((4, 5), torch.float64, CPU)
+    for j, decay in enumerate([0.0, 0.9, 0.5, 0.95, 0.3, 0.8]):
+        if j == 2:
+            curv.switch_to_diagonal()
+            assert curv.A is None and curv.G is None  # the n×n factors are released
+        feed((curv, full), random_stats(10 + j), decay)
+    d_A, d_G = curv.diagonals()
+    A, G = full.factors()
+    torch.testing.assert_close(d_A, A.diagonal(), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(d_G, G.diagonal(), rtol=1e-12, atol=1e-13)
+    A_t, G_t = curv.factors()  # introspection: the tracked diagonals, as dense matrices
+    torch.testing.assert_close(A_t, torch.diag(A.diagonal()))
+    torch.testing.assert_close(G_t, torch.diag(G.diagonal()))
+
+
+def test_diagonal_of_one_batch_is_o_n_and_matches_the_formula():
+    stats = random_stats(3, m=6, p=4, d_in=40, d_out=30)
+    a, g = stats.a, stats.g
+    A_ref = sum(torch.outer(a[i, t], a[i, t]) for i in range(6) for t in range(4)) / 6
+    G_ref = sum(torch.outer(g[i, t], g[i, t]) for i in range(6) for t in range(4)) / 24
+    torch.testing.assert_close(input_diagonal(a), A_ref.diagonal())
+    torch.testing.assert_close(output_diagonal(g), G_ref.diagonal())
+    curv = DiagonalSwitchFactors((30, 40), torch.float64, CPU, diagonal_only=True)
     with ShapeRecorder() as rec:
-        inv.refresh(curv, 1e-2)
-        inv.apply(torch.randn(d_out, d_in), 1e-2)
-    assert (d_in, d_in) not in rec.shapes and (d_out, d_out) not in rec.shapes
-    assert (m, m) in rec.shapes  # the kernel K and its Cholesky factor
+        curv.update(stats, 0.0)
+    assert (40, 40) not in rec.shapes and (30, 30) not in rec.shapes
 
 
-def test_failed_woodbury_refresh_leaves_the_inverse_untouched():
-    torch.manual_seed(0)
-    inv = WoodburyInverse(torch.float64, CPU)
-    inv.refresh(curvature_from(torch.randn(3, 10), torch.randn(3, 5)), 0.1)
-    before = inv.state_dict()
-    bad = torch.randn(3, 10)
-    bad[0, 0] = float("nan")
-    with pytest.raises(DecompositionError, match="Woodbury kernel"):
-        inv.refresh(curvature_from(bad, torch.randn(3, 5)), 0.1)
-    for key, value in inv.state_dict().items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, before[key])
-        else:
-            assert value == before[key]
-    with pytest.raises(TypeError, match="needs a BatchMatrices curvature"):
-        inv.refresh(KroneckerFactors((5, 10), torch.float64, CPU), 0.1)
+# ---------------------------- batch matrices: Reduce-Sum, Spatial-Subsampling, Linear rows (SKFAC)
 
 
-# ---------------------------------------------------------------- rows: RS, SS, Linear
 def conv_rows(stride=1, padding=1, bias=True, m=3):
     torch.manual_seed(7)
     conv = nn.Conv2d(2, 3, 3, stride=stride, padding=padding, bias=bias)
@@ -217,7 +293,9 @@ def test_model_rows_match_hand_computed_patches_and_per_sample_grads(reading):
     torch.testing.assert_close(curv.X_G, flat.T @ flat / 5, rtol=1e-10, atol=1e-12)
 
 
-# ---------------------------------------------------------------- running average
+# ---------------------------------------------------------------- batch matrices: running average
+
+
 def test_running_rows_blend_and_batches_of_another_size():
     torch.manual_seed(2)
     old, new = torch.randn(5, 3), torch.randn(5, 3)
@@ -260,7 +338,9 @@ def test_non_finite_batch_leaves_rows_and_generator_untouched():
     )
 
 
-# ---------------------------------------------------------------- Algorithm 2 as written
+# ---------------------------------------------------------- batch matrices: Algorithm 2 as written
+
+
 def algorithm2_inverse(Y_full, reduced, M, damping):
     """Tang et al. 2021, Algorithm 2 for one factor, the slow obvious way: ``Y_full`` the
     ``(M·s, n)`` raw rows, ``reduced`` the ``(m, n)`` reduced rows (``Ȳ`` or ``Ỹ``).
@@ -377,119 +457,105 @@ def test_exact_branch_state_round_trip_and_a_short_batch_keeps_the_branch():
         torch.testing.assert_close(x, y)
 
 
-def test_woodbury_is_not_ready_with_only_the_damping():
-    """What a worker holds for a layer it does not own under ``share="gradient"``: the
-    owner's numbers without its tensors. It must not claim to be ready."""
-    inv = WoodburyInverse(torch.float64, torch.device("cpu"))
-    inv.damping = 1e-3
-    assert not inv.ready
-    curv = BatchMatrices((3, 5), torch.float64, torch.device("cpu"))
-    curv.update(natgrad.LayerStats(torch.randn(4, 1, 5), torch.randn(4, 1, 3)), 0.0)
-    inv.refresh(curv, 1e-3)
-    assert inv.ready
+# ------------------------------------------------------ an estimate built from the gradient
+class GradientMoments(Curvature):
+    """A diagonal and a Shampoo-like estimate from the gradient matrix alone (the rows are
+    not used): running ``D = E[∇W̄ ⊙ ∇W̄]`` ``(d_out, d_in')``, ``L = E[∇W̄ ∇W̄ᵀ]``
+    ``(d_out, d_out)`` and ``R = E[∇W̄ᵀ ∇W̄]`` ``(d_in', d_in')``."""
+
+    _state_keys = ("D", "L", "R")
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.D = self.L = self.R = None
+
+    @property
+    def initialized(self) -> bool:
+        return self.D is not None
+
+    def update(self, stats, decay):
+        grad = stats.grad.to(self.dtype)
+        batch = {"D": grad * grad, "L": grad @ grad.T, "R": grad.T @ grad}
+        for key, value in batch.items():
+            old = getattr(self, key)
+            setattr(self, key, value if old is None else decay * old + (1 - decay) * value)
+
+    def factors(self):
+        return self.R, self.L
 
 
-# ---------------------------------------------------------------- the method
+class DiagonalInverse(InverseStrategy):
+    """``Δ = ∇W̄ / (D + λ)`` elementwise, with ``D`` of the last refresh."""
+
+    _state_keys = ("denominator",)
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.denominator = None
+
+    @property
+    def ready(self) -> bool:
+        return self.denominator is not None
+
+    def refresh(self, curvature, damping):
+        self.denominator = curvature.D + damping
+
+    def apply(self, grad, damping):
+        return grad / self.denominator
 
 
-@pytest.mark.parametrize("kw", [{}, {"reduction": "subsample", "spatial_samples": 2}])
-def test_skfac_step_equals_the_dense_damped_kronecker_solve(kw):
-    model = digits_cnn()
-    (x, y), damping = digit_batches(1, size=12)[0], 0.05
-    pre = natgrad.SKFAC(model, damping=damping, kl_clip=None, **kw)
-    F.cross_entropy(model(x), y).backward()
-    grads = pre.grad_matrices()
-    pre.step()
-    for name, (A, G) in pre.factors().items():
-        A_d, G_d = A + damping * torch.eye(A.shape[0]), G + damping * torch.eye(G.shape[0])
-        ref = unvec(torch.linalg.solve(torch.kron(A_d, G_d), vec(grads[name])), grads[name].shape)
-        torch.testing.assert_close(pre.grad_matrices()[name], ref, rtol=1e-8, atol=1e-11)
+class DiagonalMethod(natgrad.Preconditioner):
+    def make_curvature(self, shape, dtype, device):
+        return GradientMoments(shape, dtype, device)
+
+    def make_inverse(self, shape, dtype, device):
+        return DiagonalInverse(dtype, device)
 
 
-def test_registry_defaults_and_training():
-    """Defaults; the run learns (resuming it: test_contract.py)."""
-    model = digits_cnn()
-    pre = natgrad.METHODS["skfac"](model)
-    c = pre.config
-    assert isinstance(pre, natgrad.SKFAC)
-    assert (c.damping, c.T_cov, c.T_inv, c.reduction, c.spatial_samples, c.reading) == (
-        1e-3,
-        20,
-        200,
-        "reduce_sum",
-        1,
-        "algorithm2",
-    )
-
-    data = digit_batches(12)
-    kw = dict(lr=0.05, T_cov=2, T_inv=5, damping=0.1, reduction="subsample", spatial_samples=3)
-    model = digits_cnn()
-    pre, opt = natgrad.build("skfac+sgd", model, **kw)
-    losses = train(model, pre, opt, data)
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-3:]) < sum(losses[:3])  # it learns
+def grad_matrix_by_hand(module):
+    """``[∇W reshaped to (d_out, ·), ∇b]`` straight from ``.grad``."""
+    w = module.weight.grad
+    return torch.cat([w.reshape(w.shape[0], -1), module.bias.grad.unsqueeze(1)], 1)
 
 
-def test_short_last_batch_keeps_training():
-    model = digits_cnn()
-    pre, opt = natgrad.build("skfac+sgd", model, lr=0.05, T_cov=1, T_inv=1, damping=0.1)
-    data = (
-        digit_batches(3, size=16)
-        + digit_batches(1, size=5, seed=9)
-        + digit_batches(1, size=16, seed=3)
-    )
-    losses = train(model, pre, opt, data)
-    assert all(math.isfinite(v) for v in losses)
-    assert pre.layers["3"].curvature.rows == 16
+def test_a_curvature_estimate_built_from_the_gradient_matrix():
+    """``Curvature.update`` receives ``stats.grad``, the layer's ``∇W̄`` of the step that
+    folds the statistics: a diagonal / Shampoo-like estimate needs nothing else."""
+    model = tiny_cnn(seed=0)
+    decay, damping = 0.7, 0.01
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pre = DiagonalMethod(model, opt, kl_clip=None, T_cov=2, T_inv=2, decay=decay,
+                         damping=damping)
+    ref = {}
+    for step in range(5):
+        x, y = random_batch(model, seed=step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = {name: grad_matrix_by_hand(block.module) for name, block in pre.layers.items()}
+        pre.step()
+        if step % 2 == 0:  # folded on T_cov steps only, the first batch as it is
+            for name, G in grads.items():
+                batch = {"D": G * G, "L": G @ G.T, "R": G.T @ G}
+                old = ref.get(name)
+                ref[name] = batch if old is None else {
+                    k: decay * old[k] + (1 - decay) * v for k, v in batch.items()
+                }
+        for name, block in pre.layers.items():
+            for key, value in ref[name].items():
+                torch.testing.assert_close(getattr(block.curvature, key), value, rtol=1e-12,
+                                           atol=1e-15)
+            # refreshed on the same steps (T_inv = T_cov): Δ = ∇W̄ / (D + λ)
+            delta = grads[name] / (ref[name]["D"] + damping)
+            torch.testing.assert_close(grad_matrix_by_hand(block.module), delta, rtol=1e-12,
+                                       atol=1e-15)
+        opt.step()
+    assert set(pre.factors()) == set(pre.layers)
 
 
-def test_bad_arguments_name_the_argument():
-    model = digits_cnn()
-    with pytest.raises(ValueError, match="spatial_samples must be an integer >= 1, got 0"):
-        natgrad.SKFAC(model, spatial_samples=0)
-    with pytest.raises(ValueError, match="reduction must be one of .* got 'mean'"):
-        natgrad.SKFAC(model, reduction="mean")
-    with pytest.raises(ValueError, match=r"samples \(s'\) must be an integer >= 1, got -2"):
-        BatchMatrices((2, 3), torch.float64, CPU, samples=-2)
-    pre = natgrad.SKFAC(model)
-    with pytest.raises(ValueError, match="spatial_samples must be an integer >= 1, got 1.5"):
-        pre.configure(spatial_samples=1.5)
-    pre.configure(reduction="subsample", spatial_samples=4)
-    assert all(layer.curvature.samples == 4 for layer in pre.layers.values())
-
-
-def test_factored_inverse_is_not_what_skfac_applies():
-    """SKFAC's damping is λ on each factor, not K-FAC's factored split (docs/math.md §7)."""
-    torch.manual_seed(0)
-    Y_A, Y_G = torch.randn(3, 6), torch.randn(3, 4)
-    curv = curvature_from(Y_A, Y_G)
-    wood, fact = WoodburyInverse(torch.float64, CPU), FactoredInverse(torch.float64, CPU)
-    wood.refresh(curv, 0.01)
-    fact.refresh(curv, 0.01)
-    V = torch.randn(4, 6)
-    assert not torch.allclose(wood.apply(V, 0.01), fact.apply(V, 0.01))
-
-
-def test_float32_layers_keep_the_woodbury_kernel_in_float64():
-    """``K = mλI + YYᵀ`` with a small ``λ`` is too ill-conditioned for float32 Cholesky; it
-    is formed and factored in float64, and a state round trip keeps it so."""
-    torch.manual_seed(0)
-    Y_A = (torch.rand(16, 3) @ torch.rand(3, 60) * 30).float()  # rank 3: K is near-singular
-    Y_G = torch.randn(16, 40).float()
-    K32 = Y_A @ Y_A.T + 16e-6 * torch.eye(16)
-    assert torch.linalg.cholesky_ex(K32).info.item() != 0  # float32 cannot factor it
-    curv = BatchMatrices((40, 60), torch.float32, CPU)
-    curv.Y_A, curv.Y_G = Y_A, Y_G
-    inv = WoodburyInverse(torch.float32, CPU)
-    inv.refresh(curv, 1e-6)
-    assert inv.chol_A.dtype == torch.float64 and inv.Y_A.dtype == torch.float32
-    V = torch.randn(40, 60).float()
-    out = inv.apply(V, 1e-6)
-    assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    twin = WoodburyInverse(torch.float32, CPU)
-    twin.load_state_dict(copy.deepcopy(inv.state_dict()))
-    assert twin.chol_A.dtype == torch.float64
-    assert torch.equal(twin.apply(V, 1e-6), out)
-    with pytest.raises(KeyError, match=r"missing \['chol_A'\]"):
-        twin.load_state_dict({k: v for k, v in inv.state_dict().items() if k != "chol_A"})
-    assert torch.equal(twin.apply(V, 1e-6), out)  # a failed load changes nothing
+def test_layer_stats_keep_the_gradient_through_a_dtype_change():
+    stats = LayerStats(torch.randn(4, 2, 5), torch.randn(4, 2, 3))
+    assert stats.grad is None and stats.to(torch.float32).grad is None
+    grad = torch.randn(3, 5)
+    moved = stats.with_grad(grad).to(torch.float32)
+    assert moved.grad.dtype == torch.float32 and moved.a.dtype == torch.float32
+    torch.testing.assert_close(moved.grad, grad.float())
