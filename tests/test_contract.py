@@ -35,6 +35,7 @@ SETTINGS = {
 #: Extra variants of the resume contract: (method, extra constructor arguments).
 RESUME_VARIANTS = [(m, {}) for m in METHODS] + [
     ("kfac", {"inverse": "eigen"}),
+    ("kfac", {"low_rank": 2, "low_rank_above": 4}),
     ("kfac", {"fisher": "mc"}),
     ("ekfac", {"fisher": "mc"}),
 ]

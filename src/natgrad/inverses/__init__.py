@@ -4,9 +4,10 @@ from .base import InverseStrategy
 from .eigen import EigenInverse
 from .eigen_corrected import EigenCorrectedInverse
 from .factored import FactoredInverse, trace_pi, unit_pi
+from .low_rank import LowRankFactoredInverse
 from .sherman_morrison import ShermanMorrisonInverse
 from .woodbury import WoodburyInverse
 
 __all__ = ["InverseStrategy", "FactoredInverse", "EigenInverse", "trace_pi", "unit_pi"]
-__all__ += ["EigenCorrectedInverse"]
+__all__ += ["EigenCorrectedInverse", "LowRankFactoredInverse"]
 __all__ += ["WoodburyInverse", "ShermanMorrisonInverse"]
