@@ -140,8 +140,9 @@ def test_build_without_lr_returns_the_recommended_pairing():
     # in both spellings of the pairing, and explicit ones still win.
     for spec in ("kfac", "kfac+plain"):
         pre, _ = natgrad.build(spec, tiny_cnn())
-        assert pre.config.statistics_positions == natgrad.KFAC.recommended[
-            "statistics_positions"]
+        assert natgrad.KFAC.recommended
+        for key, value in natgrad.KFAC.recommended.items():
+            assert getattr(pre.config, key) == value
     pre, _ = natgrad.build("kfac", tiny_cnn(), statistics_positions=None)
     assert pre.config.statistics_positions is None
 

@@ -6,5 +6,6 @@ from .diagonal_switch import DiagonalSwitchFactors
 from .kronecker import KroneckerFactors, ThinnedKroneckerFactors
 from .trace_restricted import TraceRestrictedFactors
 
-__all__ = ["Curvature", "NonFiniteStatistics", "KroneckerFactors", "ThinnedKroneckerFactors", "TraceRestrictedFactors"]
+__all__ = ["Curvature", "NonFiniteStatistics", "KroneckerFactors", "ThinnedKroneckerFactors",
+           "TraceRestrictedFactors"]
 __all__ += ["BatchMatrices", "DiagonalSwitchFactors"]

@@ -77,8 +77,9 @@ class KFAC(Preconditioner):
     config_class = KFACConfig
     # These decide what each layer stores.
     fixed_fields = ("inverse", "statistics_positions", "low_rank", "low_rank_above")
-    # build("kfac", model): the conv factors from 49 positions per sample (docs/defaults.md).
-    recommended = {"statistics_positions": 49}
+    # build("kfac", model): the conv factors from 49 positions per sample, factors wider
+    # than 2048 as rank 128 plus an isotropic rest (docs/defaults.md).
+    recommended = {"statistics_positions": 49, "low_rank": 128}
 
     def make_curvature(self, shape, dtype, device) -> KroneckerFactors:
         positions = self.config.statistics_positions
