@@ -138,7 +138,7 @@ def test_build_without_lr_returns_the_recommended_pairing():
     assert not pre.config.lm_damping and pre.config.damping == 0.3
     # A method's own recommended settings come on top (K-FAC: thinned conv statistics),
     # in both spellings of the pairing, and explicit ones still win.
-    for spec in ("kfac", "kfac+plain"):
+    for spec in ("kfac", "kfac+plain", "kfac+sgd", "kfac+adam"):
         pre, _ = natgrad.build(spec, tiny_cnn())
         assert natgrad.KFAC.recommended
         for key, value in natgrad.KFAC.recommended.items():

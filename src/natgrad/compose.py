@@ -115,9 +115,9 @@ def build(
     ``method_kwargs`` go to the method's constructor (its config fields, ``exclude``,
     ``fisher``...) and win over any recommended setting. The preconditioner is attached to
     the optimizer. With ``lr=None``: a bare method name gets the recommended pairing
-    (:data:`RECOMMENDED` and the method's own ``recommended`` settings, behind ``plain``
-    SGD at lr 1); otherwise the rule's
-    :data:`DEFAULT_LR`, plus :data:`MOMENTUM_SETTINGS` for a method behind momentum SGD.
+    (:data:`RECOMMENDED` behind ``plain`` SGD at lr 1); otherwise the rule's
+    :data:`DEFAULT_LR`, plus :data:`MOMENTUM_SETTINGS` for a method behind momentum SGD;
+    with any rule, the method's own ``recommended`` settings on top.
     With an ``lr``, a bare method name is ``"<method>+sgd"`` and only ``method_kwargs``
     apply, as before.
     """
@@ -126,9 +126,11 @@ def build(
     if lr is None:
         bare = method is not None and "+" not in spec
         if bare or (method is not None and rule == "plain"):
-            rule, settings = "plain", {**RECOMMENDED, **METHODS[method].recommended}
+            rule, settings = "plain", dict(RECOMMENDED)
         elif method is not None and rule in ("sgd", "nag"):
             settings = dict(MOMENTUM_SETTINGS)
+        if method is not None:
+            settings.update(METHODS[method].recommended)
         lr = DEFAULT_LR[rule]
     optimizer = UPDATE_RULES[rule](
         list(model.parameters() if params is None else params), lr=lr, weight_decay=weight_decay

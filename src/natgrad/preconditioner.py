@@ -85,7 +85,7 @@ class Preconditioner(ABC):
     config_class: ClassVar[type[PreconditionerConfig]] = PreconditionerConfig
     #: Config fields :meth:`configure` refuses to change (they decide what a layer stores).
     fixed_fields: ClassVar[tuple[str, ...]] = ()
-    #: This method's settings on top of :data:`natgrad.compose.RECOMMENDED` in ``build``.
+    #: Settings ``build(name, model)`` without an lr adds for this method, whatever the rule.
     recommended: ClassVar[dict[str, Any]] = {}
 
     def __init__(
