@@ -31,6 +31,7 @@ from .damping import DampingPolicy, HeldDamping, LayerDamping, StepRecord
 from .quadratic import (
     ModelTap,
     TappedPass,
+    low_precision,
     negative_log_likelihood,
     output_hessian_form,
     output_jvp,
@@ -104,8 +105,7 @@ class UpdateTerms:
 
     def model_change(self, scale: float, dampings: Mapping[str, float]) -> float:
         """``M(s·u) = s ∇hᵀu + ½ s² (uᵀCu + Σ_l λ_l ‖u_l‖²)``."""
-        damped = sum(dampings.get(n, 0.0) * torch.dot(u.reshape(-1), u.reshape(-1)).item()
-                     for n, u in self.update.items())
+        damped = _weighted_sq(self.update, self.update, dampings)
         return scale * self.grad_dot + 0.5 * scale * scale * (self.curvature + damped)
 
 
@@ -323,7 +323,7 @@ class ReductionRatio:
             for param, tensor in matrix_params(self.modules[layer], mat):
                 grads[param_names[param]] = tensor.detach().clone()
         outputs = record.outputs
-        if outputs.dtype in (torch.float16, torch.bfloat16):
+        if low_precision(outputs):
             # An autocast pass: the loss after the step is evaluated in the model's own
             # dtype, so the loss before it must be too (else ρ measures rounding).
             outputs, _ = output_jvp(self.model, record.args, record.kwargs, {})

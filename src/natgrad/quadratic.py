@@ -40,6 +40,7 @@ __all__ = [
     "TappedPass",
     "ModelTap",
     "output_jvp",
+    "low_precision",
     "output_hessian_form",
     "negative_log_likelihood",
     "recover_targets",
@@ -178,6 +179,11 @@ def output_jvp(
     return primal, tangent
 
 
+def low_precision(t: Tensor) -> bool:
+    """Whether ``t`` is float16 or bfloat16 (an autocast pass's outputs)."""
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
@@ -206,7 +212,7 @@ def negative_log_likelihood(
     ``(M, C)`` or ``½‖targets − outputs‖²`` per sample, averaged (or summed)."""
     _check_likelihood(likelihood)
     outputs = outputs.reshape(outputs.shape[0], -1)
-    if outputs.dtype in (torch.float16, torch.bfloat16):
+    if low_precision(outputs):
         outputs = outputs.float()
     targets = targets.reshape(targets.shape[0], -1).to(outputs.dtype)
     if likelihood == "gaussian":
@@ -230,7 +236,7 @@ def recover_targets(
     """
     _check_likelihood(likelihood)
     z = outputs.reshape(outputs.shape[0], -1)
-    if z.dtype in (torch.float16, torch.bfloat16):  # autocast outputs: check in float32
+    if low_precision(z):  # autocast outputs: check in float32
         z = z.float()
     scale = (batch or z.shape[0]) if reduction == "mean" else 1.0
     grad = output_grad.reshape(z.shape).to(z.dtype) * scale
