@@ -120,3 +120,16 @@ def eigen_corrected_block(inv) -> Tensor:
     """``(Q_A ⊗ Q_G) diag(vec S) (Q_A ⊗ Q_G)ᵀ`` of an eigen-corrected inverse, undamped."""
     K = torch.kron(inv.Q_A, inv.Q_G)
     return K @ torch.diag(vec(inv.S)) @ K.T
+
+
+def dense_directions(pre, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per layer, ``F̂⁻¹ vec(∇W̄)`` by a dense solve with the block the layer's inverse
+    says it inverts (``InverseStrategy.dense`` at the dampings in force), divided by the
+    block scale: what ``pre.precondition(grads)`` must return."""
+    dampings, scales = pre.damping_policy.in_force(pre.config, pre.layers, False)
+    out = {}
+    for name, block in pre.layers.items():
+        F_hat = block.inverse.dense(block.curvature, dampings[name])
+        ref = unvec(torch.linalg.solve(F_hat, vec(grads[name])), grads[name].shape)
+        out[name] = ref / scales[name]
+    return out
