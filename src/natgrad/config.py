@@ -14,7 +14,15 @@ from typing import Any
 
 from .quadratic import LIKELIHOODS
 
-__all__ = ["PreconditionerConfig", "check_positive", "check_positive_int", "check_decay"]
+__all__ = [
+    "PreconditionerConfig",
+    "LowRankConfig",
+    "LOW_RANK_FIELDS",
+    "is_wide",
+    "check_positive",
+    "check_positive_int",
+    "check_decay",
+]
 
 #: How the step size is set: ``"lr"`` (the optimizer's learning rate, KL-clipped when
 #: ``kl_clip`` is set) or ``"quadratic"`` (the local quadratic model, natgrad/adaptive.py).
@@ -166,3 +174,48 @@ class PreconditionerConfig:
 
     def as_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+#: :class:`LowRankConfig`'s fields: they decide what each layer stores, so a method that
+#: has them lists them in its ``fixed_fields``.
+LOW_RANK_FIELDS = ("low_rank", "low_rank_above")
+
+
+@dataclass(kw_only=True)
+class LowRankConfig(PreconditionerConfig):
+    """Adds the fields of methods that can keep a wide Kronecker factor as its top
+    eigenvectors plus one isotropic rest (K-FAC's factored inverse, EKFAC's and TEKFAC's
+    eigenvalue-corrected one; docs/math.md §2 "Wide factors", §3):
+
+    Attributes:
+        low_rank: ``k`` (integer >= 1), or ``None`` (off): a factor wider than
+            ``max(low_rank_above, k)`` keeps only its top-``k`` eigenvectors ``U``
+            ``(n, k)``, found by warm-started subspace iteration instead of an ``n³``
+            decomposition; the rest of its space is one isotropic block.
+        low_rank_above: the width (integer >= 0) above which ``low_rank`` applies.
+    """
+
+    low_rank: int | None = None
+    low_rank_above: int = 2048
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.low_rank is not None:
+            check_positive_int("low_rank", self.low_rank)
+        if (
+            isinstance(self.low_rank_above, bool)
+            or not isinstance(self.low_rank_above, int)
+            or self.low_rank_above < 0
+        ):
+            raise ValueError(f"low_rank_above must be an integer >= 0, got {self.low_rank_above!r}")
+
+    def is_wide(self, n: int) -> bool:
+        """Whether a factor of width ``n`` is kept as low rank (``low_rank`` is set and
+        :func:`is_wide` holds)."""
+        return self.low_rank is not None and is_wide(n, self.low_rank, self.low_rank_above)
+
+
+def is_wide(n: int, rank: int, above: int) -> bool:
+    """Whether a factor of width ``n`` is approximated at rank ``k``: ``n > max(above, k)``
+    (a factor no wider than ``k`` has nothing left to approximate)."""
+    return n > max(above, rank)

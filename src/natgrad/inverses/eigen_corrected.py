@@ -15,6 +15,9 @@ Two rules for the re-scaling (``scale_rule=``), both restarted in a new basis:
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -25,13 +28,72 @@ from ..linalg import all_finite, eigen_precondition, kronecker_eigenbases, runni
 from ..persample import basis_second_moment
 from .base import InverseStrategy
 
-__all__ = ["EigenCorrectedInverse", "SCALE_RULES"]
+__all__ = ["EigenCorrectedInverse", "RescaledBasisInverse", "SCALE_RULES"]
 
 #: Re-scaling rules (module docstring).
 SCALE_RULES = ("batch", "running")
 
 
-class EigenCorrectedInverse(InverseStrategy):
+class RescaledBasisInverse(InverseStrategy):
+    """What every eigenvalue-corrected inverse shares: a Kronecker basis refreshed every
+    ``T_inv`` and a re-scaling fitted in it to per-sample gradients every ``T_s`` steps,
+    restarted in each new basis.
+
+    A subclass names its re-scaling tensors in ``_scale_keys``, computes one batch's
+    estimate of them in :meth:`batch_scale`, sets them (and ``fresh_basis = True``) in
+    :meth:`refresh`, and applies them in :meth:`apply`. :meth:`observe` folds the batch
+    estimates in by the rule ``scale_rule`` (module docstring): the first batch in a new
+    basis, and every batch under ``"batch"``, replaces them; otherwise
+    ``X ← ε X + (1−ε) X_batch``.
+
+    Args:
+        observe_every: ``T_s``, steps between re-scaling updates (>= 1).
+        scale_rule: ``"batch"`` or ``"running"``.
+
+    Attributes:
+        fresh_basis: the re-scaling still holds the eigenvalue initialisation of a new basis.
+    """
+
+    #: Names of the re-scaling tensors :meth:`observe` updates.
+    _scale_keys: ClassVar[tuple[str, ...]] = ()
+    damping_in_refresh = False
+
+    def __init__(
+        self, *args, observe_every: int = 10, scale_rule: str = "running", **kwargs
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        check_positive_int("observe_every", observe_every)
+        check_scale_rule(scale_rule)
+        self.observe_every = observe_every
+        self.scale_rule = scale_rule
+        self.fresh_basis = False
+
+    @abstractmethod
+    def batch_scale(self, stats: LayerStats) -> tuple[Tensor, ...]:
+        """One batch's estimate of each tensor named in ``_scale_keys`` (``stats`` already
+        in this strategy's dtype)."""
+
+    @abstractmethod
+    def trace(self) -> float:
+        """The trace of the approximate (undamped) block."""
+
+    def observe(self, stats: LayerStats, decay: float) -> None:
+        batch = self.batch_scale(stats.to(self.dtype))
+        if not all(all_finite(t) for t in batch):
+            raise NonFiniteStatistics("batch statistics contain NaN or Inf")
+        restart = self.fresh_basis or self.scale_rule == "batch"
+        for key, value in zip(self._scale_keys, batch):
+            old = None if restart else getattr(self, key)
+            setattr(self, key, running_average(old, value, decay))
+        self.fresh_basis = False
+
+    def observed_keys(self) -> tuple[str, ...]:
+        """Under data parallelism only the re-scaling is averaged after :meth:`observe`
+        (the basis is the owner's, already the same on every worker; docs/distributed.md)."""
+        return self._scale_keys
+
+
+class EigenCorrectedInverse(RescaledBasisInverse):
     """``Δ = Q_G [ (Q_Gᵀ ∇W̄ Q_A) ⊘ (S + λ) ] Q_Aᵀ`` — damping on the re-scaling ``S``.
 
     * :meth:`refresh` (every ``T_inv``): eigenbases ``Q_A``, ``Q_G`` of ``curvature.factors()``
@@ -46,9 +108,7 @@ class EigenCorrectedInverse(InverseStrategy):
       ``scale_rule="batch"``: ``S ← S_batch``.
     * :meth:`apply`: the formula above, with the damping ``λ`` of the call.
 
-    Args:
-        observe_every: ``T_s``, steps between re-scaling updates (>= 1).
-        scale_rule: ``"batch"`` or ``"running"`` (module docstring).
+    Args: those of :class:`RescaledBasisInverse`.
 
     Attributes:
         Q_A: ``(d_in', d_in')`` input-side eigenbasis; ``Q_G``: ``(d_out, d_out)``.
@@ -57,20 +117,13 @@ class EigenCorrectedInverse(InverseStrategy):
     """
 
     _state_keys = ("Q_A", "Q_G", "S", "fresh_basis")
-    damping_in_refresh = False
+    _scale_keys = ("S",)
 
-    def __init__(
-        self, *args, observe_every: int = 10, scale_rule: str = "running", **kwargs
-    ) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        check_positive_int("observe_every", observe_every)
-        check_scale_rule(scale_rule)
-        self.observe_every = observe_every
-        self.scale_rule = scale_rule
         self.Q_A: Tensor | None = None
         self.Q_G: Tensor | None = None
         self.S: Tensor | None = None
-        self.fresh_basis = False
 
     @property
     def ready(self) -> bool:
@@ -81,19 +134,8 @@ class EigenCorrectedInverse(InverseStrategy):
         self.Q_A, self.Q_G, self.S = Q_A, Q_G, gamma.outer(alpha)
         self.fresh_basis = True
 
-    def observe(self, stats: LayerStats, decay: float) -> None:
-        stats = stats.to(self.dtype)
-        S_batch = basis_second_moment(stats.a, stats.g, self.Q_A, self.Q_G)
-        if not all_finite(S_batch):
-            raise NonFiniteStatistics("batch statistics contain NaN or Inf")
-        restart = self.fresh_basis or self.scale_rule == "batch"
-        self.S = running_average(None if restart else self.S, S_batch, decay)
-        self.fresh_basis = False
-
-    def observed_keys(self) -> tuple[str, ...]:
-        """Under data parallelism only ``S`` is averaged after :meth:`observe` (the basis is
-        the owner's, already the same on every worker; docs/distributed.md)."""
-        return ("S",)
+    def batch_scale(self, stats: LayerStats) -> tuple[Tensor]:
+        return (basis_second_moment(stats.a, stats.g, self.Q_A, self.Q_G),)
 
     def scale(self, damping: float) -> Tensor:
         """The diagonal ``S + λ`` (``(d_out, d_in')``) that :meth:`apply` divides by."""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..config import is_wide
 from ..curvature import Curvature
 from ..linalg import DecompositionError, all_finite, damped_inverse, eye_like
 from .factored import FactoredInverse, trace_pi
@@ -31,6 +32,8 @@ __all__ = [
     "LowRankFactoredInverse",
     "subspace_start",
     "top_eigenpairs",
+    "warm_top_eigenpairs",
+    "check_subspace_arguments",
     "trace_residual",
     "low_rank_apply_right",
     "low_rank_apply_left",
@@ -82,6 +85,36 @@ def top_eigenpairs(X: Tensor, k: int, start: Tensor, iterations: int) -> tuple[T
     if not (all_finite(values) and all_finite(U)):
         raise DecompositionError("subspace iteration produced non-finite entries")
     return values, U
+
+
+def check_subspace_arguments(**values: int) -> None:
+    """Raise ``ValueError`` unless each of ``rank``, ``iterations``, ``warm_iterations``
+    (given by keyword) is an integer >= 1 and ``above``, ``oversample`` integers >= 0."""
+    for name, value in values.items():
+        least = 0 if name in ("above", "oversample") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def warm_top_eigenpairs(
+    X: Tensor,
+    k: int,
+    previous: Tensor | None,
+    *,
+    oversample: int,
+    iterations: int,
+    warm_iterations: int,
+) -> tuple[Tensor, Tensor]:
+    """:func:`top_eigenpairs` of ``X`` ``(n, n)`` with ``p = min(k + oversample, n)``
+    columns: from :func:`subspace_start` and ``iterations`` iterations when ``previous``
+    is ``None``, else from the previous refresh's ``U`` ``(n, k)`` in the first ``k``
+    columns (the other ``p − k`` from the same random start) and ``warm_iterations``."""
+    n = X.shape[0]
+    start = subspace_start(n, min(k + oversample, n), X.dtype, X.device)
+    if previous is not None:
+        start[:, :k] = previous
+        iterations = warm_iterations
+    return top_eigenpairs(X, k, start, iterations)
 
 
 def trace_residual(X: Tensor, values: Tensor) -> float:
@@ -165,15 +198,13 @@ class LowRankFactoredInverse(FactoredInverse):
         **kwargs,
     ) -> None:
         super().__init__(*args, pi=pi, **kwargs)
-        for name, value, least in (
-            ("rank", rank, 1),
-            ("above", above, 0),
-            ("oversample", oversample, 0),
-            ("iterations", iterations, 1),
-            ("warm_iterations", warm_iterations, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        check_subspace_arguments(
+            rank=rank,
+            above=above,
+            oversample=oversample,
+            iterations=iterations,
+            warm_iterations=warm_iterations,
+        )
         self.rank, self.above, self.oversample = rank, above, oversample
         self.iterations, self.warm_iterations = iterations, warm_iterations
         d_out, d_in = shape
@@ -187,7 +218,7 @@ class LowRankFactoredInverse(FactoredInverse):
 
     def is_wide(self, n: int) -> bool:
         """Whether a factor of size ``n`` is approximated: ``n > max(above, rank)``."""
-        return n > max(self.above, self.rank)
+        return is_wide(n, self.rank, self.above)
 
     @property
     def ready(self) -> bool:
@@ -207,13 +238,14 @@ class LowRankFactoredInverse(FactoredInverse):
         """``(inverse, basis, scale, rest)`` of one damped factor; the unused ones ``None``."""
         if not wide:
             return damped_inverse(X, shift), None, None, None
-        n, k = X.shape[0], self.rank
-        start = subspace_start(n, min(k + self.oversample, n), X.dtype, X.device)
-        iterations = self.iterations
-        if previous is not None:
-            start[:, :k] = previous
-            iterations = self.warm_iterations
-        values, U = top_eigenpairs(X, k, start, iterations)
+        values, U = warm_top_eigenpairs(
+            X,
+            self.rank,
+            previous,
+            oversample=self.oversample,
+            iterations=self.iterations,
+            warm_iterations=self.warm_iterations,
+        )
         rest = trace_residual(X, values) + shift
         return None, U, values + shift, rest
 

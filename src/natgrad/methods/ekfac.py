@@ -6,13 +6,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PreconditionerConfig, check_decay, check_positive_int
+from ..config import (
+    LOW_RANK_FIELDS,
+    LowRankConfig,
+    PreconditionerConfig,
+    check_decay,
+    check_positive_int,
+)
 from ..curvature import KroneckerFactors
-from ..inverses import EigenCorrectedInverse
-from ..inverses.eigen_corrected import check_scale_rule
+from ..inverses import EigenCorrectedInverse, LowRankEigenCorrectedInverse
+from ..inverses.eigen_corrected import RescaledBasisInverse, check_scale_rule
 from ..preconditioner import Preconditioner
 
-__all__ = ["EKFAC", "EKFACConfig", "RescalingConfig", "sync_rescaling"]
+__all__ = [
+    "EKFAC",
+    "EKFACConfig",
+    "RescalingConfig",
+    "make_rescaled_inverse",
+    "sync_rescaling",
+]
 
 
 @dataclass(kw_only=True)
@@ -48,15 +60,35 @@ class RescalingConfig(PreconditionerConfig):
 
 
 @dataclass(kw_only=True)
-class EKFACConfig(RescalingConfig):
+class EKFACConfig(RescalingConfig, LowRankConfig):
     """EKFAC's hyperparameters, defaults from Xu 2021 (Algorithm 1): ``ε = 0.95`` (the
     factors), ``T_cov = 10``, ``T_inv = 100`` (eigenbasis), ``T_s = 10`` (re-scaling), KL
     clip ``1e-2``, ``S`` set to each mini-batch's estimate (``scale_rule="batch"``),
-    damping ``1e-3`` (the thesis's grid is {3e-2, 3e-3, 1e-3})."""
+    damping ``1e-3`` (the thesis's grid is {3e-2, 3e-3, 1e-3}).
+
+    ``low_rank=k`` (:class:`~natgrad.config.LowRankConfig`; off by default): a layer whose
+    input factor is wider than ``max(low_rank_above, k)`` keeps its top-``k``
+    eigenvectors and one re-scaling per output direction on the rest of the input space
+    (:class:`~natgrad.inverses.LowRankEigenCorrectedInverse`, docs/math.md §3); the
+    output side keeps its full eigenbasis."""
 
     damping: float = 1e-3
     kl_clip: float | None = 1e-2
     scale_rule: str = "batch"
+
+
+def make_rescaled_inverse(
+    config: RescalingConfig, shape: tuple[int, int], dtype, device
+) -> RescaledBasisInverse:
+    """EKFAC's and TEKFAC's ``make_inverse``: the eigenvalue-corrected inverse of a layer of
+    ``shape`` ``(d_out, d_in')``, with its input side as low rank when ``config.low_rank``
+    is set and ``d_in'`` is wide (:meth:`~natgrad.config.LowRankConfig.is_wide`)."""
+    kwargs = dict(observe_every=config.T_s, scale_rule=config.scale_rule)
+    if config.is_wide(shape[1]):
+        return LowRankEigenCorrectedInverse(
+            dtype, device, shape=shape, rank=config.low_rank, **kwargs
+        )
+    return EigenCorrectedInverse(dtype, device, **kwargs)
 
 
 def sync_rescaling(pre: Preconditioner) -> None:
@@ -81,14 +113,14 @@ class EKFAC(Preconditioner):
     """
 
     config_class = EKFACConfig
+    # These decide what each layer stores.
+    fixed_fields = LOW_RANK_FIELDS
 
     def make_curvature(self, shape, dtype, device) -> KroneckerFactors:
         return KroneckerFactors(shape, dtype, device)
 
-    def make_inverse(self, shape, dtype, device) -> EigenCorrectedInverse:
-        return EigenCorrectedInverse(
-            dtype, device, observe_every=self.config.T_s, scale_rule=self.config.scale_rule
-        )
+    def make_inverse(self, shape, dtype, device) -> RescaledBasisInverse:
+        return make_rescaled_inverse(self.config, shape, dtype, device)
 
     def sync_layers(self) -> None:
         sync_rescaling(self)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PreconditionerConfig, check_positive_int
+from ..config import LOW_RANK_FIELDS, LowRankConfig, check_positive_int
 from ..curvature import KroneckerFactors, ThinnedKroneckerFactors
 from ..inverses import EigenInverse, FactoredInverse, InverseStrategy, LowRankFactoredInverse
 from ..preconditioner import Preconditioner
@@ -14,8 +14,9 @@ __all__ = ["KFAC", "KFACConfig"]
 
 
 @dataclass(kw_only=True)
-class KFACConfig(PreconditionerConfig):
-    """K-FAC's hyperparameters (see :class:`~natgrad.config.PreconditionerConfig`).
+class KFACConfig(LowRankConfig):
+    """K-FAC's hyperparameters (see :class:`~natgrad.config.PreconditionerConfig` and
+    :class:`~natgrad.config.LowRankConfig`).
 
     Attributes:
         inverse: ``"factored"`` — ``Δ = G_d⁻¹ ∇W̄ A_d⁻¹`` with factored Tikhonov damping
@@ -26,7 +27,7 @@ class KFACConfig(PreconditionerConfig):
             many of them, drawn afresh at each curvature update and scaled so that ``A``
             and ``G`` stay unbiased (:func:`~natgrad.curvature.kronecker.thin_positions`);
             ``None`` (default): all of them.
-        low_rank: ``k`` (integer >= 1), or ``None`` (off): with ``inverse="factored"``, a
+        low_rank: (:class:`~natgrad.config.LowRankConfig`) with ``inverse="factored"``, a
             factor wider than ``max(low_rank_above, k)`` — ``A`` ``(d_in', d_in')`` or ``G``
             ``(d_out, d_out)`` — is kept as its top-``k`` eigenpairs ``U`` ``(n, k)``,
             ``Λ`` ``(k,)`` plus the mean ``r`` of its other eigenvalues on the rest,
@@ -34,7 +35,6 @@ class KFACConfig(PreconditionerConfig):
             ``2·n·k·d`` instead of ``n²·d`` and refreshed by warm-started subspace
             iteration instead of an ``n³`` Cholesky (docs/math.md §2, "Wide factors";
             :class:`~natgrad.inverses.LowRankFactoredInverse`).
-        low_rank_above: the width (integer >= 0) above which ``low_rank`` applies.
     """
 
     # Measured on the Fashion-MNIST CNN with SGD-momentum at lr 0.05 (docs/defaults.md):
@@ -43,8 +43,6 @@ class KFACConfig(PreconditionerConfig):
     kl_clip: float | None = 1e-3
     inverse: str = "factored"
     statistics_positions: int | None = None
-    low_rank: int | None = None
-    low_rank_above: int = 2048
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -52,19 +50,11 @@ class KFACConfig(PreconditionerConfig):
             check_positive_int("statistics_positions", self.statistics_positions)
         if self.inverse not in ("factored", "eigen"):
             raise ValueError(f"inverse must be 'factored' or 'eigen', got {self.inverse!r}")
-        if self.low_rank is not None:
-            check_positive_int("low_rank", self.low_rank)
-            if self.inverse != "factored":
-                raise ValueError(
-                    f"low_rank applies to inverse='factored' only, got low_rank={self.low_rank!r} "
-                    f"with inverse={self.inverse!r}"
-                )
-        if (
-            isinstance(self.low_rank_above, bool)
-            or not isinstance(self.low_rank_above, int)
-            or self.low_rank_above < 0
-        ):
-            raise ValueError(f"low_rank_above must be an integer >= 0, got {self.low_rank_above!r}")
+        if self.low_rank is not None and self.inverse != "factored":
+            raise ValueError(
+                f"low_rank applies to inverse='factored' only, got low_rank={self.low_rank!r} "
+                f"with inverse={self.inverse!r}"
+            )
 
 
 class KFAC(Preconditioner):
@@ -76,7 +66,7 @@ class KFAC(Preconditioner):
 
     config_class = KFACConfig
     # These decide what each layer stores.
-    fixed_fields = ("inverse", "statistics_positions", "low_rank", "low_rank_above")
+    fixed_fields = ("inverse", "statistics_positions", *LOW_RANK_FIELDS)
     # build("kfac", model): the conv factors from 49 positions per sample, factors wider
     # than 2048 as rank 128 plus an isotropic rest (docs/defaults.md).
     recommended = {"statistics_positions": 49, "low_rank": 128}

@@ -6,19 +6,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..block import LayerBlock
+from ..config import LOW_RANK_FIELDS, LowRankConfig
 from ..curvature import TraceRestrictedFactors
 from ..damping import DampingPolicy, TraceDamping, TraceDampingConfig
-from ..inverses import EigenCorrectedInverse
+from ..inverses.eigen_corrected import RescaledBasisInverse
 from ..preconditioner import Preconditioner
-from .ekfac import RescalingConfig, sync_rescaling
+from .ekfac import RescalingConfig, make_rescaled_inverse, sync_rescaling
 
 __all__ = ["TEKFAC", "TEKFACConfig"]
 
 
 @dataclass(kw_only=True)
-class TEKFACConfig(TraceDampingConfig, RescalingConfig):
-    """TEKFAC's hyperparameters: :class:`~natgrad.damping.TraceDampingConfig`'s and
-    :class:`~natgrad.methods.ekfac.RescalingConfig`'s.
+class TEKFACConfig(TraceDampingConfig, RescalingConfig, LowRankConfig):
+    """TEKFAC's hyperparameters: :class:`~natgrad.damping.TraceDampingConfig`'s,
+    :class:`~natgrad.methods.ekfac.RescalingConfig`'s and
+    :class:`~natgrad.config.LowRankConfig`'s (``low_rank``: the input side of ``Q_Φ`` as
+    low rank, as EKFAC's).
 
     ``trace_floor = 0.01`` (``ϑ``) is Gao et al. 2020's best value; the schedules and
     damping follow EKFAC's (Xu 2021). Gao et al. keep separate decays for ``Θ``
@@ -43,14 +46,14 @@ class TEKFAC(Preconditioner):
     """
 
     config_class = TEKFACConfig
+    # These decide what each layer stores.
+    fixed_fields = LOW_RANK_FIELDS
 
     def make_curvature(self, shape, dtype, device) -> TraceRestrictedFactors:
         return TraceRestrictedFactors(shape, dtype, device)
 
-    def make_inverse(self, shape, dtype, device) -> EigenCorrectedInverse:
-        return EigenCorrectedInverse(
-            dtype, device, observe_every=self.config.T_s, scale_rule=self.config.scale_rule
-        )
+    def make_inverse(self, shape, dtype, device) -> RescaledBasisInverse:
+        return make_rescaled_inverse(self.config, shape, dtype, device)
 
     def make_damping(self) -> DampingPolicy:
         return TraceDamping(theta_trace)
