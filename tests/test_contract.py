@@ -9,6 +9,9 @@ method added to the registry is tested by being registered.
 (d) a short training run on digits lowers the loss;
 (e) bad constructor arguments raise errors naming the argument;
 (f) ``precondition()`` between steps leaves ``.grad`` and the step count untouched.
+
+(a) and (c) also run the variants that change what a layer stores (``DENSE_VARIANTS``,
+``RESUME_VARIANTS``: wide factors as low rank, K-FAC's eigen form, the MC Fisher).
 """
 
 import copy
@@ -32,10 +35,16 @@ SETTINGS = {
     "skfac": dict(damping=0.1, reduction="subsample", spatial_samples=3),
     "smkfac": dict(k=2, damping=0.01),
 }
-#: Extra variants of the resume contract: (method, extra constructor arguments).
+#: Wide factors as low rank (tiny_cnn's input factors are 19 and 49 wide).
+LOW_RANK = {"low_rank": 2, "low_rank_above": 4}
+#: Extra variants of the dense-block contract: (method, extra constructor arguments).
+DENSE_VARIANTS = [(m, {}) for m in METHODS] + [(m, LOW_RANK) for m in ("kfac", "ekfac", "tekfac")]
+#: Extra variants of the resume contract.
 RESUME_VARIANTS = [(m, {}) for m in METHODS] + [
     ("kfac", {"inverse": "eigen"}),
-    ("kfac", {"low_rank": 2, "low_rank_above": 4}),
+    ("kfac", LOW_RANK),
+    ("ekfac", LOW_RANK),
+    ("tekfac", LOW_RANK),
     ("kfac", {"fisher": "mc"}),
     ("ekfac", {"fisher": "mc"}),
 ]
@@ -49,11 +58,12 @@ def batches(n, m=8, seed=1):
     ]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_precondition_equals_the_dense_damped_block(method, float64):
+@pytest.mark.parametrize(("method", "extra"), DENSE_VARIANTS)
+def test_precondition_equals_the_dense_damped_block(method, extra, float64):
     model = tiny_cnn(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    pre = natgrad.METHODS[method](model, opt, kl_clip=None, **{**SETTINGS.get(method, {}), **FAST})
+    kw = {**SETTINGS.get(method, {}), **FAST, **extra}
+    pre = natgrad.METHODS[method](model, opt, kl_clip=None, **kw)
     train(model, pre, opt, batches(3))
     x, y = batches(1, seed=5)[0]
     opt.zero_grad()

@@ -85,16 +85,30 @@ def global_batch(step: int, size: int = WORLD * LOCAL):
     )
 
 
-def hyperparameters(method: str) -> dict:
-    fields = {f.name for f in dataclasses.fields(natgrad.METHODS[method].config_class)}
-    return {k: v for k, v in SCHEDULE.items() if k in fields}
+#: Scenarios besides the registered methods: label -> (method, extra settings). EKFAC with
+#: both convolutions' input factors (19 and 27 wide) as rank 4 plus a complement.
+VARIANTS = {"ekfac:low_rank": ("ekfac", {"low_rank": 4, "low_rank_above": 12})}
+
+
+def variant(label: str) -> tuple[str, dict]:
+    """``(method, extra settings)`` of a scenario label (a method name or a VARIANTS key)."""
+    return VARIANTS.get(label, (label, {}))
+
+
+def make_method(label: str, net: nn.Module, *args, **kwargs) -> natgrad.Preconditioner:
+    """The preconditioner of scenario ``label`` with its schedule (SCHEDULE) and extras."""
+    method, extra = variant(label)
+    cls = natgrad.METHODS[method]
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    settings = {k: v for k, v in SCHEDULE.items() if k in fields}
+    return cls(net, *args, **kwargs, **settings, **extra)
 
 
 def train(method, net, forward, rows, distributed=None, steps=STEPS, fail=None):
     """``steps`` steps of SGD-momentum behind ``method``; ``rows(step)`` slices the global
     batch. ``fail(step, pre)`` may inject a fault before ``pre.step()``."""
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    pre = natgrad.METHODS[method](net, opt, distributed=distributed, **hyperparameters(method))
+    pre = make_method(method, net, opt, distributed=distributed)
     for step in range(steps):
         x, y = global_batch(step)
         x, y = x[rows(step)], y[rows(step)]
@@ -108,7 +122,7 @@ def train(method, net, forward, rows, distributed=None, steps=STEPS, fail=None):
 
 
 def scenarios() -> list[tuple[str, str]]:
-    return [(m, s) for m in natgrad.METHODS for s in SHARE_MODES]
+    return [(m, s) for m in [*natgrad.METHODS, *VARIANTS] for s in SHARE_MODES]
 
 
 # ---------------------------------------------------------------------- the workers
@@ -263,7 +277,7 @@ def test_workers_agree_with_each_other_and_with_one_process(workers, method, sha
         err = ranks[0][f"{method}/{share}"]
         # Only strategies that re-fit statistics in their own basis refuse this mode.
         net = make_model()
-        pre = natgrad.METHODS[method](net, **hyperparameters(method))
+        pre = make_method(method, net)
         assert any(layer.inverse.observe_every is not None for layer in pre.layers.values())
         assert err["error"] == "ValueError" and "share='inverse'" in err["message"]
         return
@@ -298,7 +312,7 @@ def test_workers_agree_with_each_other_and_with_one_process(workers, method, sha
         }
         for name, owner in r0["owners"].items()
     }
-    distributed = natgrad.METHODS[method](make_model(), **hyperparameters(method))
+    distributed = make_method(method, make_model())
     distributed.load_state_dict(merged)
     g = torch.Generator().manual_seed(7)
     probe = {
