@@ -23,6 +23,9 @@ pooled post-ReLU features.
 
 Usage: ``python benchmarks/wide_factor.py [--n 3137] [--d-out 256] [--ranks 64,128,256]
 [--rows 4096] [--rounds 5] [--damping 0.1] [--dtype float32] [--json]``
+
+EKFAC's and TEKFAC's eigenvalue-corrected inverse with the same kind of wide factor is
+timed by ``benchmarks/eigen_corrected_wide.py``.
 """
 
 from __future__ import annotations
@@ -36,38 +39,39 @@ from collections.abc import Callable
 
 import torch
 
-from natgrad.inverses.low_rank import (
-    low_rank_apply_right,
-    subspace_start,
-    top_eigenpairs,
-    trace_residual,
-)
+from natgrad.inverses.low_rank import low_rank_apply_right, trace_residual, warm_top_eigenpairs
 from natgrad.linalg import damped_inverse
 
 #: ``LowRankFactoredInverse``'s defaults.
 OVERSAMPLE, ITERATIONS, WARM_ITERATIONS = 16, 3, 1
 
 
-def synthetic_factor(n: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """``A = YᵀY/M`` ``(n, n)``: ReLU'd features with power-law correlations, last column 1."""
+def synthetic_rows(n: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """``Y`` ``(rows, n)``: ReLU'd features with power-law correlations, last column 1."""
     gen = torch.Generator().manual_seed(n)
     latent = min(n - 1, 1024)
     mixing = torch.randn(latent, n - 1, generator=gen, dtype=torch.float64)
     mixing *= torch.arange(1, latent + 1, dtype=torch.float64).pow(-0.75)[:, None]
     Y = (torch.randn(rows, latent, generator=gen, dtype=torch.float64) @ mixing).relu_()
-    Y = torch.cat([Y, torch.ones(rows, 1, dtype=torch.float64)], dim=1)
+    return torch.cat([Y, torch.ones(rows, 1, dtype=torch.float64)], dim=1).to(dtype)
+
+
+def synthetic_factor(n: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """``A = YᵀY/M`` ``(n, n)`` from :func:`synthetic_rows` (formed in float64)."""
+    Y = synthetic_rows(n, rows, torch.float64)
     return (Y.T @ Y / rows).to(dtype)
 
 
 def low_rank_refresh(A: torch.Tensor, k: int, shift: float, previous: torch.Tensor | None):
     """``(U, Λ + φ, r + φ)`` as ``LowRankFactoredInverse`` refreshes one wide factor."""
-    n = A.shape[0]
-    start = subspace_start(n, min(k + OVERSAMPLE, n), A.dtype, A.device)
-    iterations = ITERATIONS
-    if previous is not None:
-        start[:, :k] = previous
-        iterations = WARM_ITERATIONS
-    values, U = top_eigenpairs(A, k, start, iterations)
+    values, U = warm_top_eigenpairs(
+        A,
+        k,
+        previous,
+        oversample=OVERSAMPLE,
+        iterations=ITERATIONS,
+        warm_iterations=WARM_ITERATIONS,
+    )
     return U, values + shift, trace_residual(A, values) + shift
 
 
