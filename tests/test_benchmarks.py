@@ -59,3 +59,40 @@ def test_time_to_accuracy_runs_interleaved_on_own_clocks():
     assert steps == [5, 5]
     assert all([e["step"] for e in r["evals"]] == [4, 5] for r in runs.values())
     assert all(r["ms_per_step"] > 0 for r in runs.values())
+
+
+def _report(seed, runs, targets=(88.0,)):
+    """A time_to_accuracy.py --json report with ``runs = {label: (ms, {target: (s, step)})}``."""
+    return {
+        "model": "fmnist_cnn", "batch_size": 128, "test_size": 5000, "eval_every": 20,
+        "seed": seed, "targets": list(targets),
+        "runs": {
+            label: {"ms_per_step": ms, "reached": {
+                f"{t:g}": ({"seconds": hits[t][0], "step": hits[t][1]} if t in hits else None)
+                for t in targets}}
+            for label, (ms, hits) in runs.items()
+        },
+    }
+
+
+def test_seeds_table_ratios_within_each_seed(tmp_path):
+    import json
+
+    paths = []
+    reports = [
+        _report(0, {"soap": (400, {88.0: (60.0, 160)}), "kfac": (480, {88.0: (45.0, 100)})}),
+        _report(1, {"soap": (400, {88.0: (100.0, 220)}), "kfac": (440, {})}),
+        _report(2, {"soap": (500, {}), "kfac": (500, {88.0: (80.0, 160)})}),
+    ]
+    for i, report in enumerate(reports):
+        path = tmp_path / f"seed{i}.json"
+        path.write_text(json.dumps(report))
+        paths.append(str(path))
+    out = _run_json("seeds_table.py", *paths)
+    kfac = out["runs"]["kfac"]
+    # seed 0: 45/60; seed 1: kfac missed it (inf, null in JSON); seed 2: soap missed it (0).
+    assert kfac["88"]["ratio"] == [0.75, None, 0.0]
+    assert kfac["88"]["steps"] == [100, None, 160]
+    assert kfac["88"]["median_ratio"] == 0.75
+    assert kfac["step_cost_ratio"] == 1.1  # median of 1.2, 1.1, 1.0
+    assert out["runs"]["soap"]["88"]["median_ratio"] == 1.0  # 1, 1, and a miss on seed 2 (inf)

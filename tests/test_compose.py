@@ -132,7 +132,10 @@ def test_build_without_lr_returns_the_recommended_pairing():
     assert pre.optimizer is opt
     for key, value in natgrad.compose.RECOMMENDED.items():
         assert getattr(pre.config, key) == value
-    assert pre.config.damping == natgrad.EKFAC.config_class().damping  # the method's own
+    assert pre.config.decay == natgrad.EKFAC.config_class().decay  # the method's own
+    # LM starts every method from λ = 1e-3, K-FAC too (its class default is 0.1).
+    pre, _ = natgrad.build("kfac", tiny_cnn())
+    assert pre.config.damping == 1e-3 and natgrad.KFAC.config_class().damping == 0.1
     # Explicit settings win over the recommended ones.
     pre, _ = natgrad.build("kfac", tiny_cnn(), lm_damping=False, damping=0.3)
     assert not pre.config.lm_damping and pre.config.damping == 0.3
