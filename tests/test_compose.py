@@ -141,11 +141,12 @@ def test_build_without_lr_returns_the_recommended_pairing():
     assert not pre.config.lm_damping and pre.config.damping == 0.3
     # A method's own recommended settings come on top (K-FAC: thinned conv statistics),
     # in both spellings of the pairing, and explicit ones still win.
-    for spec in ("kfac", "kfac+plain", "kfac+sgd", "kfac+adam"):
-        pre, _ = natgrad.build(spec, tiny_cnn())
-        assert natgrad.KFAC.recommended
-        for key, value in natgrad.KFAC.recommended.items():
-            assert getattr(pre.config, key) == value
+    for method in ("kfac", "ekfac", "tekfac"):
+        assert natgrad.METHODS[method].recommended
+        for spec in (method, f"{method}+plain", f"{method}+sgd", f"{method}+adam"):
+            pre, _ = natgrad.build(spec, tiny_cnn())
+            for key, value in natgrad.METHODS[method].recommended.items():
+                assert getattr(pre.config, key) == value
     pre, _ = natgrad.build("kfac", tiny_cnn(), statistics_positions=None)
     assert pre.config.statistics_positions is None
 

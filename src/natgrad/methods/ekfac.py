@@ -115,6 +115,10 @@ class EKFAC(Preconditioner):
     config_class = EKFACConfig
     # These decide what each layer stores.
     fixed_fields = LOW_RANK_FIELDS
+    # build("ekfac", model): an input factor wider than 2048 as its top 128
+    # eigenvectors plus one re-scaling per output direction on the rest
+    # (docs/defaults.md).
+    recommended = {"low_rank": 128}
 
     def make_curvature(self, shape, dtype, device) -> KroneckerFactors:
         return KroneckerFactors(shape, dtype, device)

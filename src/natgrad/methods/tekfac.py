@@ -48,6 +48,10 @@ class TEKFAC(Preconditioner):
     config_class = TEKFACConfig
     # These decide what each layer stores.
     fixed_fields = LOW_RANK_FIELDS
+    # build("tekfac", model): an input factor wider than 2048 as its top 128
+    # eigenvectors plus one re-scaling per output direction on the rest
+    # (docs/defaults.md).
+    recommended = {"low_rank": 128}
 
     def make_curvature(self, shape, dtype, device) -> TraceRestrictedFactors:
         return TraceRestrictedFactors(shape, dtype, device)
