@@ -7,7 +7,12 @@ Usage::
 
     for s in 0 1 2; do python benchmarks/time_to_accuracy.py --runs sgd adam soap kfac \\
         --seed $s --json > seed$s.json; done
-    python benchmarks/seeds_table.py seed0.json seed1.json seed2.json [--against soap] [--json]
+    python benchmarks/seeds_table.py seed0.json seed1.json seed2.json [--against soap] [--json] \
+        [--plot acc.png]
+
+``--plot`` draws test accuracy against each run's own training clock, one panel per seed
+(the clocks of different seeds do not compare: each seed ran in its own process), with the
+targets as dotted lines.
 
 A run that did not reach a target on a seed counts as ``inf`` there (``null`` under
 ``--json``; the median then says whether it reached it on most seeds); where only the
@@ -84,13 +89,44 @@ def _finite(value):
     return None if isinstance(value, float) and math.isinf(value) else value
 
 
+def plot(reports: list[dict], path: str) -> None:
+    """Test accuracy against each run's training clock, one panel per report (seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(5 * len(reports), 4), dpi=110,
+                             sharey=True, squeeze=False)
+    targets = reports[0]["targets"]
+    for ax, report in zip(axes[0], reports):
+        for label, run in report["runs"].items():
+            evals = run["evals"]
+            ax.plot([e["seconds"] for e in evals], [e["test_acc"] for e in evals],
+                    label=label, linewidth=1.5, marker=".", markersize=3)
+        for t in targets:
+            ax.axhline(t, color="grey", linestyle=":", linewidth=1)
+        ax.set_ylim(min(targets) - 8, max(targets) + 2)
+        ax.set_title(f"seed {report.get('seed')}")
+        ax.set_xlabel("own training clock (s)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", help="time_to_accuracy.py --json outputs")
     parser.add_argument("--against", default="soap", help="the reference run's label")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--plot", metavar="PNG", help="also draw accuracy against time here")
     args = parser.parse_args(argv)
     reports = load(args.reports)
+    if args.plot:
+        plot(reports, args.plot)
     result = table(reports, args.against)
     seeds = [r.get("seed") for r in reports]
     if args.json:

@@ -67,7 +67,8 @@ def _report(seed, runs, targets=(88.0,)):
         "model": "fmnist_cnn", "batch_size": 128, "test_size": 5000, "eval_every": 20,
         "seed": seed, "targets": list(targets),
         "runs": {
-            label: {"ms_per_step": ms, "reached": {
+            label: {"ms_per_step": ms, "evals": [{"seconds": 1.0, "test_acc": 80.0}],
+                    "reached": {
                 f"{t:g}": ({"seconds": hits[t][0], "step": hits[t][1]} if t in hits else None)
                 for t in targets}}
             for label, (ms, hits) in runs.items()
@@ -88,7 +89,8 @@ def test_seeds_table_ratios_within_each_seed(tmp_path):
         path = tmp_path / f"seed{i}.json"
         path.write_text(json.dumps(report))
         paths.append(str(path))
-    out = _run_json("seeds_table.py", *paths)
+    out = _run_json("seeds_table.py", *paths, "--plot", str(tmp_path / "acc.png"))
+    assert (tmp_path / "acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kfac = out["runs"]["kfac"]
     # seed 0: 45/60; seed 1: kfac missed it (inf, null in JSON); seed 2: soap missed it (0).
     assert kfac["88"]["ratio"] == [0.75, None, 0.0]
