@@ -17,7 +17,8 @@ A run is a spec ``name[:key=value,...]``:
 * ``soap``: heavyball's SOAP with its own defaults (lr 3e-3), keys go to its constructor.
 
 Values are JSON (``null``, ``true``, numbers) or plain strings. A run stops at the last
-target or at ``--epochs``.
+target or at ``--epochs``; with ``--full`` every run trains all ``--epochs`` (the runs that
+stop early leave the others a machine with less work on it, which flatters their clocks).
 
 Usage::
 
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-size", type=int, default=10000, help="test images evaluated")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--full", action="store_true",
+                        help="every run trains all --epochs, also past its last target (a "
+                        "run that stops early leaves the others a quieter machine)")
     args = parser.parse_args(argv)
     if args.eval_every % args.chunk:
         parser.error("--eval-every must be a multiple of --chunk")
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 for t in targets:
                     if t not in run.reached and record["test_acc"] >= t:
                         run.reached[t] = {"step": run.steps, "seconds": run.seconds}
-                done = done or len(run.reached) == len(targets)
+                done = done or (len(run.reached) == len(targets) and not args.full)
                 if not args.quiet:
                     print(f"{run.label:<40} step {run.steps:4d} {run.seconds:7.1f}s "
                           f"acc {record['test_acc']:.2f} loss {record['train_loss']:.3f}",

@@ -98,3 +98,18 @@ def test_seeds_table_ratios_within_each_seed(tmp_path):
     assert kfac["88"]["median_ratio"] == 0.75
     assert kfac["step_cost_ratio"] == 1.1  # median of 1.2, 1.1, 1.0
     assert out["runs"]["soap"]["88"]["median_ratio"] == 1.0  # 1, 1, and a miss on seed 2 (inf)
+
+
+def test_time_to_accuracy_full_keeps_runs_past_their_last_target():
+    from natgrad.experiments.data import DatasetMissing, load_fashion_mnist
+
+    try:
+        load_fashion_mnist()
+    except DatasetMissing:
+        pytest.skip("Fashion-MNIST is not installed")
+    common = ("--runs", "sgd", "--epochs", "0.01", "--chunk", "2", "--eval-every", "2",
+              "--test-size", "50", "--targets", "0")  # every evaluation is >= 0 %
+    stopped = _run_json("time_to_accuracy.py", *common)["runs"]["sgd"]
+    full = _run_json("time_to_accuracy.py", *common, "--full")["runs"]["sgd"]
+    assert stopped["steps"] == 2 and stopped["reached"]["0"]["step"] == 2
+    assert full["steps"] == 5 and full["reached"]["0"]["step"] == 2
