@@ -32,7 +32,7 @@ import json
 import sys
 
 import torch
-from wide_factor import round_robin, synthetic_rows
+from wide_factor import parse_ranks, round_robin, synthetic_rows
 
 from natgrad.capture import LayerStats
 from natgrad.curvature import KroneckerFactors
@@ -61,12 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    try:
-        ranks = [int(k) for k in args.ranks.split(",")]
-    except ValueError:
-        parser.error(f"--ranks must be comma-separated integers, got {args.ranks!r}")
-    if any(not 1 <= k < args.n for k in ranks):
-        parser.error(f"--ranks must lie in [1, n), got {ranks} with n={args.n}")
+    ranks = parse_ranks(parser, args.ranks, args.n)
     if min(args.n, args.d_out, args.rows, args.batch, args.rounds, args.threads) < 1:
         parser.error("--n, --d-out, --rows, --batch, --rounds and --threads must be >= 1")
     if args.batch > args.rows:

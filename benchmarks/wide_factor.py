@@ -88,6 +88,17 @@ def round_robin(items: dict[str, Callable[[], object]], rounds: int) -> dict[str
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def parse_ranks(parser: argparse.ArgumentParser, text: str, n: int) -> list[int]:
+    """``--ranks`` ``"64,128"`` → ``[64, 128]``, each in ``[1, n)``; else a usage error."""
+    try:
+        ranks = [int(k) for k in text.split(",")]
+    except ValueError:
+        parser.error(f"--ranks must be comma-separated integers, got {text!r}")
+    if any(not 1 <= k < n for k in ranks):
+        parser.error(f"--ranks must lie in [1, n), got {ranks} with n={n}")
+    return ranks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=3137, help="factor width n (d_in')")
@@ -100,12 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    try:
-        ranks = [int(k) for k in args.ranks.split(",")]
-    except ValueError:
-        parser.error(f"--ranks must be comma-separated integers, got {args.ranks!r}")
-    if any(not 1 <= k < args.n for k in ranks):
-        parser.error(f"--ranks must lie in [1, n), got {ranks} with n={args.n}")
+    ranks = parse_ranks(parser, args.ranks, args.n)
     if min(args.n, args.d_out, args.rows, args.rounds, args.threads) < 1:
         parser.error("--n, --d-out, --rows, --rounds and --threads must be >= 1")
     torch.set_num_threads(args.threads)
