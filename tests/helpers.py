@@ -1,9 +1,10 @@
 """Set-up shared by several test modules: tiny models and batches, one preconditioned
-step, random layer statistics, a plain training loop, a recorder of tensor shapes, and
-running a function on spawned worker processes."""
+step, random layer statistics, a plain training loop, a resume round trip, a recorder of
+tensor shapes, and running a function on spawned worker processes."""
 
 from __future__ import annotations
 
+import io
 import socket
 import time
 
@@ -105,6 +106,37 @@ def train(model, pre, opt, data, mc=False) -> list[float]:
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_resume_bit_identical(fresh, data, cuts, restore=None) -> list[dict]:
+    """``fresh()`` → a new ``(model, preconditioner, optimizer)``. Train one on all of
+    ``data`` (the global random stream must stay untouched); then, for each ``cut``, train a
+    new one on ``data[:cut]``, round-trip the three states through ``torch.save``, load them
+    into a triple from ``restore()`` (default ``fresh``: e.g. one built with other settings,
+    which the loaded state must override) and train it on the rest: its parameters must
+    equal the uninterrupted run's bit for bit. Returns the saved states, one per cut."""
+    model, pre, opt = fresh()
+    state = torch.get_rng_state()
+    train(model, pre, opt, data)
+    assert torch.equal(torch.get_rng_state(), state)
+    reference = [p.detach().clone() for p in model.parameters()]
+    saves = []
+    for cut in cuts:
+        model, pre, opt = fresh()
+        train(model, pre, opt, data[:cut])
+        buffer = io.BytesIO()
+        torch.save({"m": model.state_dict(), "o": opt.state_dict(), "p": pre.state_dict()}, buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer)
+        model, pre, opt = (restore or fresh)()
+        model.load_state_dict(saved["m"])
+        opt.load_state_dict(saved["o"])
+        pre.load_state_dict(saved["p"])
+        train(model, pre, opt, data[cut:])
+        for p, ref in zip(model.parameters(), reference):
+            assert torch.equal(p, ref)
+        saves.append(saved)
+    return saves
 
 
 class ShapeRecorder(TorchFunctionMode):

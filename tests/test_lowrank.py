@@ -2,13 +2,12 @@
 against dense references built the slow way: ``torch.linalg.eigh``, the approximated
 factor formed explicitly, its inverse by ``torch.linalg.inv``."""
 
-import io
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_cnn, train
+from helpers import assert_resume_bit_identical, tiny_cnn, train
 from reference import dense_directions, unvec, vec
 from torch import nn
 
@@ -247,33 +246,19 @@ def test_kfac_on_first_step_matches_exact_kfac_when_the_batch_rank_fits():
 
 def test_resume_is_bit_identical_and_draws_no_random_numbers():
     kw = dict(lr=0.05, T_cov=1, T_inv=2, low_rank=2, low_rank_above=4)
-    data = batches(7)
 
     def fresh():
         model = mlp()
         return (model, *natgrad.build("kfac+sgd", model, **kw))
 
-    model, pre, opt = fresh()
-    state = torch.get_rng_state()
-    train(model, pre, opt, data)
-    assert torch.equal(torch.get_rng_state(), state)
-    reference = [p.detach().clone() for p in model.parameters()]
-    for cut in (1, 4):  # after the cold refresh; after warm ones
-        model, pre, opt = fresh()
-        train(model, pre, opt, data[:cut])
-        buffer = io.BytesIO()
-        torch.save({"m": model.state_dict(), "o": opt.state_dict(), "p": pre.state_dict()}, buffer)
-        buffer.seek(0)
-        saved = torch.load(buffer)
-        assert saved["p"]["layers"]["0"]["inverse"]["A_basis"].shape == (21, 2)
+    def restore():
         model = mlp()
-        pre, opt = natgrad.build("kfac+sgd", model, lr=0.05, low_rank=2, low_rank_above=4)
-        model.load_state_dict(saved["m"])
-        opt.load_state_dict(saved["o"])
-        pre.load_state_dict(saved["p"])
-        train(model, pre, opt, data[cut:])
-        for p, ref in zip(model.parameters(), reference):
-            assert torch.equal(p, ref)
+        return (model, *natgrad.build("kfac+sgd", model, lr=0.05, low_rank=2, low_rank_above=4))
+
+    # after the cold refresh; after warm ones
+    saves = assert_resume_bit_identical(fresh, batches(7), (1, 4), restore)
+    for saved in saves:
+        assert saved["p"]["layers"]["0"]["inverse"]["A_basis"].shape == (21, 2)
     with pytest.raises(ValueError, match="low_rank"):
         natgrad.KFAC(mlp()).load_state_dict(saved["p"])
 

@@ -5,12 +5,11 @@ the complement's basis from ``eigh(I − UUᵀ)``, the Kronecker block formed ex
 solved, per-sample gradients from ``torch.func`` projected with explicit ``n × n``
 projectors, and EKFAC with the full eigenbasis."""
 
-import io
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import one_step, random_batch, tiny_cnn, tiny_mlp, train
+from helpers import assert_resume_bit_identical, one_step, random_batch, tiny_cnn, tiny_mlp, train
 from reference import per_sample_grad_matrices, unvec, vec
 from torch import nn
 
@@ -237,12 +236,10 @@ def test_only_wide_input_factors_get_the_low_rank_inverse(method):
     assert all(type(b.inverse) is EigenCorrectedInverse for b in pre.layers.values())
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("method", [natgrad.EKFAC, natgrad.TEKFAC])
-def test_rescalings_equal_per_sample_second_moments_linear(method, bias):
-    model = tiny_mlp(bias)  # inputs 6(+1) and 5(+1) wide
-    x, y = random_batch(model)
-    pre, _ = one_step(method, model, x, y, low_rank=2, low_rank_above=3)
+def assert_rescalings_match(pre, model, x, y) -> list:
+    """Every layer's ``S_k`` and ``s_⊥`` equal :func:`explicit_scales` of its torch.func
+    per-sample gradients on the batch ``(x, y)``; the explicit ``s_⊥`` per layer."""
+    out = []
     for name, layer in pre.layers.items():
         inverse = layer.inverse
         assert isinstance(inverse, LowRankEigenCorrectedInverse)
@@ -250,6 +247,17 @@ def test_rescalings_equal_per_sample_second_moments_linear(method, bias):
         S_k, s_perp = explicit_scales(per_sample, inverse.U, inverse.Q_G)
         torch.testing.assert_close(inverse.S_k, S_k, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(inverse.s_perp, s_perp, rtol=1e-10, atol=1e-14)
+        out.append(s_perp)
+    return out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("method", [natgrad.EKFAC, natgrad.TEKFAC])
+def test_rescalings_equal_per_sample_second_moments_linear(method, bias):
+    model = tiny_mlp(bias)  # inputs 6(+1) and 5(+1) wide
+    x, y = random_batch(model)
+    pre, _ = one_step(method, model, x, y, low_rank=2, low_rank_above=3)
+    for s_perp in assert_rescalings_match(pre, model, x, y):
         assert (s_perp > 0).any()
 
 
@@ -258,13 +266,7 @@ def test_rescalings_equal_per_sample_second_moments_conv(case):
     model = tiny_cnn(*case)
     x, y = random_batch(model)
     pre, _ = one_step(natgrad.EKFAC, model, x, y, low_rank=3, low_rank_above=4)
-    for name, layer in pre.layers.items():
-        inverse = layer.inverse
-        assert isinstance(inverse, LowRankEigenCorrectedInverse)
-        per_sample = per_sample_grad_matrices(model, name, x, y)
-        S_k, s_perp = explicit_scales(per_sample, inverse.U, inverse.Q_G)
-        torch.testing.assert_close(inverse.S_k, S_k, rtol=1e-10, atol=1e-14)
-        torch.testing.assert_close(inverse.s_perp, s_perp, rtol=1e-10, atol=1e-14)
+    assert_rescalings_match(pre, model, x, y)
 
 
 def mlp():
@@ -318,28 +320,15 @@ def test_resume_restores_the_warm_start_basis_bit_for_bit(method):
         model = mlp()
         return (model, *natgrad.build(f"{method}+sgd", model, **kw))
 
-    model, pre, opt = fresh()
-    state = torch.get_rng_state()
-    train(model, pre, opt, data)
-    assert torch.equal(torch.get_rng_state(), state)
-    reference = [p.detach().clone() for p in model.parameters()]
-    for cut in (1, 4):  # after the cold refresh; after a warm one
-        model, pre, opt = fresh()
-        train(model, pre, opt, data[:cut])
-        buffer = io.BytesIO()
-        torch.save({"m": model.state_dict(), "o": opt.state_dict(), "p": pre.state_dict()}, buffer)
-        buffer.seek(0)
-        saved = torch.load(buffer)
+    def restore():
+        model = mlp()
+        return (model, *natgrad.build(f"{method}+sgd", model, lr=0.05, low_rank=2,
+                                      low_rank_above=4))
+
+    # after the cold refresh; after a warm one
+    for saved in assert_resume_bit_identical(fresh, data, (1, 4), restore):
         inverse = saved["p"]["layers"]["0"]["inverse"]
         assert inverse["U"].shape == (21, 2) and inverse["S_k"].shape == (12, 2)
-        model = mlp()
-        pre, opt = natgrad.build(f"{method}+sgd", model, lr=0.05, low_rank=2, low_rank_above=4)
-        model.load_state_dict(saved["m"])
-        opt.load_state_dict(saved["o"])
-        pre.load_state_dict(saved["p"])
-        train(model, pre, opt, data[cut:])
-        for p, ref in zip(model.parameters(), reference):
-            assert torch.equal(p, ref)
     with pytest.raises(ValueError, match="low_rank"):
         natgrad.METHODS[method](mlp()).load_state_dict(saved["p"])
 
