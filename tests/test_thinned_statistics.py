@@ -1,4 +1,5 @@
-"""K-FAC's factors from some of a convolution's positions (``statistics_positions``)."""
+"""K-FAC's and EKFAC's factors from some of a convolution's positions
+(``statistics_positions``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_cnn
+from helpers import one_step, random_batch, tiny_cnn
+from reference import per_sample_grad_matrices
 
 import natgrad
 from natgrad.capture import LayerStats
@@ -72,12 +74,13 @@ def _train(model, pre, opt, steps, seed):
         opt.step()
 
 
-def test_kfac_with_thinned_statistics_resumes_bit_exact_and_leaves_the_global_rng():
+@pytest.mark.parametrize("method", [natgrad.KFAC, natgrad.EKFAC])
+def test_thinned_statistics_resume_bit_exact_and_leave_the_global_rng(method):
     settings = dict(statistics_positions=5, T_cov=1, T_inv=2)
     torch.manual_seed(0)
     model = tiny_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pre = natgrad.KFAC(model, opt, **settings)
+    pre = method(model, opt, **settings)
     rng = torch.get_rng_state()
     _train(model, pre, opt, 3, 0)
     assert torch.equal(torch.get_rng_state(), rng)
@@ -89,7 +92,7 @@ def test_kfac_with_thinned_statistics_resumes_bit_exact_and_leaves_the_global_rn
     torch.manual_seed(1)
     model2 = tiny_cnn()
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
-    pre2 = natgrad.KFAC(model2, opt2, **settings)
+    pre2 = method(model2, opt2, **settings)
     model2.load_state_dict(saved[0])
     pre2.load_state_dict(saved[1])
     opt2.load_state_dict(saved[2])
@@ -97,7 +100,54 @@ def test_kfac_with_thinned_statistics_resumes_bit_exact_and_leaves_the_global_rn
     assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), expected))
 
 
+@pytest.mark.parametrize("method", [natgrad.KFAC, natgrad.EKFAC])
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True])
-def test_bad_statistics_positions_is_refused(bad):
+def test_bad_statistics_positions_is_refused(method, bad):
     with pytest.raises(ValueError, match="statistics_positions"):
-        natgrad.KFAC(tiny_cnn(), statistics_positions=bad)
+        method(tiny_cnn(), statistics_positions=bad)
+
+
+@pytest.mark.parametrize("method", [natgrad.KFAC, natgrad.EKFAC])
+def test_statistics_positions_is_fixed_at_construction(method):
+    pre = method(tiny_cnn(), statistics_positions=5)
+    with pytest.raises(ValueError, match="statistics_positions is fixed"):
+        pre.configure(statistics_positions=7)
+
+
+def test_ekfac_factors_are_the_thinned_ones_and_its_rescaling_uses_every_position(float64):
+    """EKFAC's running ``A``, ``G`` (hence its eigenbasis) come from the drawn positions,
+    equal to the dense :func:`input_factor` / :func:`output_factor` of the rows a
+    same-seeded draw picks; ``S`` is still the second moment of the whole per-sample
+    gradients (every position summed, torch.func reference) in that basis."""
+    model = tiny_cnn(seed=0).double()  # conv: 16 positions per 7×7 input
+    x, y = random_batch(model)
+    x = x.double()
+    capture_model = copy.deepcopy(model)
+    pre, _ = one_step(natgrad.EKFAC, model, x, y, statistics_positions=5, T_cov=1, T_inv=1,
+                      T_s=1, scale_rule="batch")
+    block = pre.layers["0"]
+    stats = _conv_stats(capture_model, x, y)
+    thin = thin_positions(stats, 5, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(block.curvature.A, input_factor(thin.a), rtol=1e-12, atol=0)
+    torch.testing.assert_close(block.curvature.G, output_factor(thin.g), rtol=1e-12, atol=0)
+    assert not torch.allclose(block.curvature.A, input_factor(stats.a))
+    Q_A, Q_G = block.inverse.Q_A, block.inverse.Q_G
+    per_sample = per_sample_grad_matrices(model, "0", x, y)
+    S = torch.stack([Q_G.T @ g @ Q_A for g in per_sample]).square().mean(0)
+    torch.testing.assert_close(block.inverse.S, S, rtol=1e-10, atol=1e-14)
+
+
+def _conv_stats(model, x, y) -> LayerStats:
+    """The first conv layer's rows ``ā`` (unfolded patches and a 1) and ``g`` (the
+    mean loss's output gradients times the batch size), by hand."""
+    conv = model[0]
+    out = {}
+    handle = conv.register_forward_hook(lambda m, i, o: out.update(z=o))
+    loss = F.cross_entropy(model(x), y)
+    handle.remove()
+    (gz,) = torch.autograd.grad(loss, out["z"])
+    patches = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)
+    a = torch.cat([patches.transpose(1, 2), torch.ones(x.shape[0], patches.shape[2], 1,
+                                                       dtype=x.dtype)], 2)
+    g = gz.flatten(2).transpose(1, 2) * x.shape[0]
+    return LayerStats(a, g)

@@ -18,6 +18,8 @@ __all__ = [
     "PreconditionerConfig",
     "LowRankConfig",
     "LOW_RANK_FIELDS",
+    "THINNING_FIELDS",
+    "ThinningConfig",
     "is_wide",
     "check_positive",
     "check_positive_int",
@@ -180,6 +182,10 @@ class PreconditionerConfig:
 #: has them lists them in its ``fixed_fields``.
 LOW_RANK_FIELDS = ("low_rank", "low_rank_above")
 
+#: :class:`ThinningConfig`'s field: it decides each layer's curvature object, so a method
+#: that has it lists it in its ``fixed_fields``.
+THINNING_FIELDS = ("statistics_positions",)
+
 
 @dataclass(kw_only=True)
 class LowRankConfig(PreconditionerConfig):
@@ -213,6 +219,28 @@ class LowRankConfig(PreconditionerConfig):
         """Whether a factor of width ``n`` is kept as low rank (``low_rank`` is set and
         :func:`is_wide` holds)."""
         return self.low_rank is not None and is_wide(n, self.low_rank, self.low_rank_above)
+
+
+@dataclass(kw_only=True)
+class ThinningConfig(PreconditionerConfig):
+    """Adds the field of methods whose running ``A`` and ``G`` may come from some of a
+    convolution's output positions (K-FAC, EKFAC; docs/math.md §1, "Thinned positions"):
+
+    Attributes:
+        statistics_positions: the factors of a layer with several output positions per
+            sample (``nn.Conv2d``: ``P = H_out·W_out``) are computed from at most this
+            many of them, drawn afresh at each curvature update and scaled so that ``A``
+            and ``G`` stay unbiased (:func:`~natgrad.curvature.kronecker.thin_positions`);
+            ``None`` (default): all of them. Only the factors are thinned: EKFAC's
+            per-sample re-scaling still sums every position.
+    """
+
+    statistics_positions: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.statistics_positions is not None:
+            check_positive_int("statistics_positions", self.statistics_positions)
 
 
 def is_wide(n: int, rank: int, above: int) -> bool:

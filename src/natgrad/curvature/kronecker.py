@@ -11,7 +11,7 @@ from ..capture import LayerStats
 from ..linalg import all_finite, gram, input_factor, output_factor
 from .base import Curvature, check_finite
 
-__all__ = ["KroneckerFactors", "ThinnedKroneckerFactors", "thin_positions"]
+__all__ = ["KroneckerFactors", "ThinnedKroneckerFactors", "kronecker_factors", "thin_positions"]
 
 
 class KroneckerFactors(Curvature):
@@ -95,3 +95,13 @@ class ThinnedKroneckerFactors(KroneckerFactors):
         generator = torch.Generator().manual_seed(self.draws)
         super().update(thin_positions(stats, self.positions, generator), decay)
         self.draws += 1
+
+
+def kronecker_factors(shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
+                      positions: int | None = None) -> KroneckerFactors:
+    """A layer's running ``A`` and ``G``: from every output position (``positions=None``)
+    or from at most ``positions`` of them per sample (:class:`ThinnedKroneckerFactors`;
+    ``config.statistics_positions`` of K-FAC and EKFAC)."""
+    if positions is None:
+        return KroneckerFactors(shape, dtype, device)
+    return ThinnedKroneckerFactors(shape, dtype, device, positions=positions)

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 from ..config import (
     LOW_RANK_FIELDS,
+    THINNING_FIELDS,
     LowRankConfig,
     PreconditionerConfig,
+    ThinningConfig,
     check_decay,
     check_positive_int,
 )
-from ..curvature import KroneckerFactors
+from ..curvature import KroneckerFactors, kronecker_factors
 from ..inverses import EigenCorrectedInverse, LowRankEigenCorrectedInverse
 from ..inverses.eigen_corrected import RescaledBasisInverse, check_scale_rule
 from ..preconditioner import Preconditioner
@@ -60,7 +62,7 @@ class RescalingConfig(PreconditionerConfig):
 
 
 @dataclass(kw_only=True)
-class EKFACConfig(RescalingConfig, LowRankConfig):
+class EKFACConfig(RescalingConfig, LowRankConfig, ThinningConfig):
     """EKFAC's hyperparameters, defaults from Xu 2021 (Algorithm 1): ``ε = 0.95`` (the
     factors), ``T_cov = 10``, ``T_inv = 100`` (eigenbasis), ``T_s = 10`` (re-scaling), KL
     clip ``1e-2``, ``S`` set to each mini-batch's estimate (``scale_rule="batch"``),
@@ -70,7 +72,11 @@ class EKFACConfig(RescalingConfig, LowRankConfig):
     input factor is wider than ``max(low_rank_above, k)`` keeps its top-``k``
     eigenvectors and one re-scaling per output direction on the rest of the input space
     (:class:`~natgrad.inverses.LowRankEigenCorrectedInverse`, docs/math.md §3); the
-    output side keeps its full eigenbasis."""
+    output side keeps its full eigenbasis.
+
+    ``statistics_positions`` (:class:`~natgrad.config.ThinningConfig`; off by default):
+    the running ``A`` and ``G`` that give the eigenbasis come from at most that many of a
+    convolution's output positions per sample; ``S`` still sums all of them."""
 
     damping: float = 1e-3
     kl_clip: float | None = 1e-2
@@ -114,14 +120,14 @@ class EKFAC(Preconditioner):
 
     config_class = EKFACConfig
     # These decide what each layer stores.
-    fixed_fields = LOW_RANK_FIELDS
+    fixed_fields = (*THINNING_FIELDS, *LOW_RANK_FIELDS)
     # build("ekfac", model): an input factor wider than 2048 as its top 128
-    # eigenvectors plus one re-scaling per output direction on the rest
-    # (docs/defaults.md).
-    recommended = {"low_rank": 128}
+    # eigenvectors plus one re-scaling per output direction on the rest; the conv
+    # factors from 49 positions per sample (docs/defaults.md).
+    recommended = {"statistics_positions": 49, "low_rank": 128}
 
     def make_curvature(self, shape, dtype, device) -> KroneckerFactors:
-        return KroneckerFactors(shape, dtype, device)
+        return kronecker_factors(shape, dtype, device, self.config.statistics_positions)
 
     def make_inverse(self, shape, dtype, device) -> RescaledBasisInverse:
         return make_rescaled_inverse(self.config, shape, dtype, device)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import LOW_RANK_FIELDS, LowRankConfig, check_positive_int
-from ..curvature import KroneckerFactors, ThinnedKroneckerFactors
+from ..config import LOW_RANK_FIELDS, THINNING_FIELDS, LowRankConfig, ThinningConfig
+from ..curvature import KroneckerFactors, kronecker_factors
 from ..inverses import EigenInverse, FactoredInverse, InverseStrategy, LowRankFactoredInverse
 from ..preconditioner import Preconditioner
 
@@ -14,19 +14,15 @@ __all__ = ["KFAC", "KFACConfig"]
 
 
 @dataclass(kw_only=True)
-class KFACConfig(LowRankConfig):
+class KFACConfig(LowRankConfig, ThinningConfig):
     """K-FAC's hyperparameters (see :class:`~natgrad.config.PreconditionerConfig` and
-    :class:`~natgrad.config.LowRankConfig`).
+    :class:`~natgrad.config.LowRankConfig`, :class:`~natgrad.config.ThinningConfig`:
+    ``statistics_positions``).
 
     Attributes:
         inverse: ``"factored"`` — ``Δ = G_d⁻¹ ∇W̄ A_d⁻¹`` with factored Tikhonov damping
             (Cholesky inverses; cheapest); ``"eigen"`` — eigendecompositions with damping
             ``λ`` on the Kronecker product exactly, ``(A ⊗ G + λI)⁻¹``.
-        statistics_positions: the factors of a layer with several output positions per
-            sample (``nn.Conv2d``: ``P = H_out·W_out``) are computed from at most this
-            many of them, drawn afresh at each curvature update and scaled so that ``A``
-            and ``G`` stay unbiased (:func:`~natgrad.curvature.kronecker.thin_positions`);
-            ``None`` (default): all of them.
         low_rank: (:class:`~natgrad.config.LowRankConfig`) with ``inverse="factored"``, a
             factor wider than ``max(low_rank_above, k)`` — ``A`` ``(d_in', d_in')`` or ``G``
             ``(d_out, d_out)`` — is kept as its top-``k`` eigenpairs ``U`` ``(n, k)``,
@@ -42,12 +38,9 @@ class KFACConfig(LowRankConfig):
     damping: float = 1e-1
     kl_clip: float | None = 1e-3
     inverse: str = "factored"
-    statistics_positions: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.statistics_positions is not None:
-            check_positive_int("statistics_positions", self.statistics_positions)
         if self.inverse not in ("factored", "eigen"):
             raise ValueError(f"inverse must be 'factored' or 'eigen', got {self.inverse!r}")
         if self.low_rank is not None and self.inverse != "factored":
@@ -66,16 +59,13 @@ class KFAC(Preconditioner):
 
     config_class = KFACConfig
     # These decide what each layer stores.
-    fixed_fields = ("inverse", "statistics_positions", *LOW_RANK_FIELDS)
+    fixed_fields = ("inverse", *THINNING_FIELDS, *LOW_RANK_FIELDS)
     # build("kfac", model): the conv factors from 49 positions per sample, factors wider
     # than 2048 as rank 128 plus an isotropic rest (docs/defaults.md).
     recommended = {"statistics_positions": 49, "low_rank": 128}
 
     def make_curvature(self, shape, dtype, device) -> KroneckerFactors:
-        positions = self.config.statistics_positions
-        if positions is None:
-            return KroneckerFactors(shape, dtype, device)
-        return ThinnedKroneckerFactors(shape, dtype, device, positions=positions)
+        return kronecker_factors(shape, dtype, device, self.config.statistics_positions)
 
     def make_inverse(self, shape, dtype, device) -> InverseStrategy:
         if self.config.inverse == "eigen":
