@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss, acc = evaluate(run.model, data, min(args.test_size, len(data.y_test)))
                 record = {"step": run.steps, "seconds": run.seconds, "test_acc": 100 * acc,
                           "test_loss": loss,
-                          "train_loss": sum(run.losses[-args.chunk:]) / len(chunk)}
+                          "train_loss": sum(run.losses[-len(chunk):]) / len(chunk)}
                 run.evals.append(record)
                 for t in targets:
                     if t not in run.reached and record["test_acc"] >= t:

@@ -59,6 +59,9 @@ def test_time_to_accuracy_runs_interleaved_on_own_clocks():
     assert steps == [5, 5]
     assert all([e["step"] for e in r["evals"]] == [4, 5] for r in runs.values())
     assert all(r["ms_per_step"] > 0 for r in runs.values())
+    # The last chunk is one step: its train_loss is that step's loss (about ln 10 this
+    # early), not the last `--chunk` losses divided by one.
+    assert all(0 < e["train_loss"] < 3.0 for r in runs.values() for e in r["evals"])
 
 
 def _report(seed, runs, targets=(88.0,)):
