@@ -263,21 +263,11 @@ def test_resume_is_bit_identical_and_draws_no_random_numbers():
         natgrad.KFAC(mlp()).load_state_dict(saved["p"])
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "name"),
-    [
-        ({"low_rank": 0}, "low_rank"),
-        ({"low_rank": 2.5}, "low_rank"),
-        ({"low_rank": True}, "low_rank"),
-        ({"low_rank": "8"}, "low_rank"),
-        ({"low_rank_above": -1}, "low_rank_above"),
-        ({"low_rank_above": 1.5}, "low_rank_above"),
-        ({"low_rank": 4, "inverse": "eigen"}, "low_rank"),
-    ],
-)
-def test_bad_low_rank_settings_name_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=rf"^{name}\b.*{kwargs[name]!r}"):
-        natgrad.KFAC(tiny_cnn(), **kwargs)
+def test_low_rank_with_the_eigen_inverse_is_refused():
+    """K-FAC's own case; the bad values of ``low_rank`` and ``low_rank_above`` are
+    checked for K-FAC, EKFAC and TEKFAC alike in tests/test_lowrank_eigen.py."""
+    with pytest.raises(ValueError, match=r"^low_rank\b.*4"):
+        natgrad.KFAC(tiny_cnn(), low_rank=4, inverse="eigen")
 
 
 def test_low_rank_cannot_be_changed_by_configure():
